@@ -1,0 +1,141 @@
+"""ONNX Runtime backend for multiserve: serves ``model.onnx``.
+
+Options (a model's config.toml):
+
+- ``device``: ``cpu``, ``cuda`` or ``cuda:N`` (CUDA needs the ``onnxruntime-gpu`` build).
+- ``intra_op_threads`` / ``inter_op_threads``: ONNX Runtime thread pools; 0 lets it choose.
+- ``optimization``: graph optimisation level, ``disable``, ``basic``, ``extended`` or ``all``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import onnxruntime as ort
+
+from multiserve.types import Array, ModelMetadata, TensorSpec
+
+ARTIFACT = "model.onnx"
+OPTIONS = frozenset({"device", "intra_op_threads", "inter_op_threads", "optimization"})
+
+_DTYPES = {
+    "tensor(float)": "float32",
+    "tensor(double)": "float64",
+    "tensor(float16)": "float16",
+    "tensor(int8)": "int8",
+    "tensor(int16)": "int16",
+    "tensor(int32)": "int32",
+    "tensor(int64)": "int64",
+    "tensor(uint8)": "uint8",
+    "tensor(uint16)": "uint16",
+    "tensor(uint32)": "uint32",
+    "tensor(uint64)": "uint64",
+    "tensor(bool)": "bool",
+    "tensor(string)": "string",
+}
+_OPTIMIZATION = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+_DEVICE = re.compile(r"^(cpu|cuda)(?::(\d+))?$")
+
+
+class OnnxBackend:
+    name = "onnx"
+
+    def can_load(self, version_dir: Path) -> bool:
+        return (version_dir / ARTIFACT).is_file()
+
+    def load(self, version_dir: Path, options: Mapping[str, Any]) -> OnnxModel:
+        unknown = sorted(set(options) - OPTIONS)
+        if unknown:
+            raise ValueError(
+                f"unknown onnx option {', '.join(unknown)}; known: {', '.join(sorted(OPTIONS))}"
+            )
+        session_options = ort.SessionOptions()
+        session_options.intra_op_num_threads = _threads(options, "intra_op_threads")
+        session_options.inter_op_num_threads = _threads(options, "inter_op_threads")
+        level = str(options.get("optimization", "all"))
+        if level not in _OPTIMIZATION:
+            raise ValueError(
+                f"optimization must be one of {', '.join(_OPTIMIZATION)}, not {level!r}"
+            )
+        session_options.graph_optimization_level = _OPTIMIZATION[level]
+
+        device = str(options.get("device", "cpu"))
+        providers = _providers(device)
+        session = ort.InferenceSession(
+            str(version_dir / ARTIFACT), sess_options=session_options, providers=providers
+        )
+        if device != "cpu" and "CUDAExecutionProvider" not in session.get_providers():
+            raise RuntimeError(
+                f"device {device!r}: onnxruntime could not start its CUDA execution provider "
+                "(are the CUDA and cuDNN libraries installed?)"
+            )
+        metadata = ModelMetadata(
+            inputs=tuple(_spec(arg, "input") for arg in session.get_inputs()),
+            outputs=tuple(_spec(arg, "output") for arg in session.get_outputs()),
+        )
+        # The weights dominate a session's memory: the model file plus any external data files.
+        memory = sum(p.stat().st_size for p in version_dir.iterdir() if p.is_file())
+        return OnnxModel(session, metadata, memory)
+
+
+class OnnxModel:
+    def __init__(
+        self, session: ort.InferenceSession, metadata: ModelMetadata, memory_bytes: int
+    ) -> None:
+        self._session: ort.InferenceSession | None = session
+        self.metadata = metadata
+        self.memory_bytes = memory_bytes
+        self._output_names = [spec.name for spec in metadata.outputs]
+
+    def predict(self, inputs: Mapping[str, Array]) -> dict[str, Array]:
+        session = self._session
+        if session is None:
+            raise RuntimeError("the model is closed")
+        results = session.run(self._output_names, dict(inputs))
+        return dict(zip(self._output_names, results, strict=True))
+
+    def close(self) -> None:
+        self._session = None
+
+
+def _providers(device: str) -> list[Any]:
+    match = _DEVICE.match(device)
+    if match is None:
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', not {device!r}")
+    if match.group(1) == "cpu":
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise RuntimeError(
+            f"device {device!r} requested, but this onnxruntime has no CUDA execution provider "
+            f"(available: {', '.join(ort.get_available_providers())}); install onnxruntime-gpu"
+        )
+    return [
+        ("CUDAExecutionProvider", {"device_id": int(match.group(2) or 0)}),
+        "CPUExecutionProvider",
+    ]
+
+
+def _threads(options: Mapping[str, Any], key: str) -> int:
+    value = options.get(key, 0)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{key} must be an integer >= 0, not {value!r}")
+    return value
+
+
+def _spec(arg: Any, what: str) -> TensorSpec:
+    dtype = _DTYPES.get(arg.type)
+    if dtype is None:
+        raise ValueError(
+            f"{what} {arg.name!r} has type {arg.type}, which multiserve cannot serve "
+            "(for scikit-learn classifiers, convert with zipmap=False)"
+        )
+    shape = tuple(dim if isinstance(dim, int) and dim >= 0 else -1 for dim in (arg.shape or ()))
+    return TensorSpec(name=arg.name, dtype=dtype, shape=shape)

@@ -1,0 +1,171 @@
+"""Build small, real example models (ONNX, TorchScript, torch.export) into a model repository.
+
+    python examples/make_models.py [--out examples/models]
+
+The functions are also what the tests build their models with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 17
+
+
+def write_mlp_onnx(
+    path: Path, seed: int, features: int = 4, hidden: int = 16, classes: int = 3
+) -> Path:
+    """A two-layer perceptron with softmax: ``x`` float32 [batch, features] -> ``probabilities``."""
+    rng = np.random.default_rng(seed)
+    weights = {
+        "w1": rng.normal(size=(features, hidden)).astype(np.float32),
+        "b1": rng.normal(size=(hidden,)).astype(np.float32),
+        "w2": rng.normal(size=(hidden, classes)).astype(np.float32),
+        "b2": rng.normal(size=(classes,)).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h0"]),
+        helper.make_node("Add", ["h0", "b1"], ["h1"]),
+        helper.make_node("Relu", ["h1"], ["h2"]),
+        helper.make_node("MatMul", ["h2", "w2"], ["h3"]),
+        helper.make_node("Add", ["h3", "b2"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=-1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", features])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", classes])],
+        initializer=[numpy_helper.from_array(value, name) for name, value in weights.items()],
+    )
+    return _save(graph, path)
+
+
+def write_adder_onnx(path: Path) -> Path:
+    """Two inputs, two outputs: ``a``, ``b`` float32 [batch, 3] -> ``sum``, ``product``."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("Add", ["a", "b"], ["sum"]),
+            helper.make_node("Mul", ["a", "b"], ["product"]),
+        ],
+        "adder",
+        [
+            helper.make_tensor_value_info("a", TensorProto.FLOAT, ["batch", 3]),
+            helper.make_tensor_value_info("b", TensorProto.FLOAT, ["batch", 3]),
+        ],
+        [
+            helper.make_tensor_value_info("sum", TensorProto.FLOAT, ["batch", 3]),
+            helper.make_tensor_value_info("product", TensorProto.FLOAT, ["batch", 3]),
+        ],
+    )
+    return _save(graph, path)
+
+
+def write_counter_onnx(path: Path) -> Path:
+    """Integer and boolean tensors: ``ids`` int64 [n] -> ``next`` int64, ``positive`` bool."""
+    one = numpy_helper.from_array(np.array(1, dtype=np.int64), "one")
+    zero = numpy_helper.from_array(np.array(0, dtype=np.int64), "zero")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Add", ["ids", "one"], ["next"]),
+            helper.make_node("Greater", ["ids", "zero"], ["positive"]),
+        ],
+        "counter",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["n"])],
+        [
+            helper.make_tensor_value_info("next", TensorProto.INT64, ["n"]),
+            helper.make_tensor_value_info("positive", TensorProto.BOOL, ["n"]),
+        ],
+        initializer=[one, zero],
+    )
+    return _save(graph, path)
+
+
+def _save(graph: onnx.GraphProto, path: Path) -> Path:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def _torch_mlp(seed: int, features: int = 4, classes: int = 2):  # type: ignore[no-untyped-def]
+    import torch
+
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Linear(features, 8), torch.nn.ReLU(), torch.nn.Linear(8, classes)
+    ).eval()
+
+
+TORCHSCRIPT_CONFIG = """\
+# TorchScript records no tensor names or shapes, so they are declared here.
+[[inputs]]
+name = "x"
+dtype = "float32"
+shape = [-1, 4]
+
+[[outputs]]
+name = "scores"
+dtype = "float32"
+shape = [-1, 2]
+"""
+
+
+def write_torchscript(version_dir: Path, seed: int) -> Path:
+    """A TorchScript MLP ``x`` float32 [batch, 4] -> ``scores`` [batch, 2], with the config.toml
+    that names its tensors."""
+    import torch
+
+    version_dir.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.script(_torch_mlp(seed)).save(str(version_dir / "model.pt"))
+    (version_dir / "config.toml").write_text(TORCHSCRIPT_CONFIG)
+    return version_dir / "model.pt"
+
+
+def write_exported(version_dir: Path, seed: int) -> Path:
+    """A ``torch.export`` MLP with a dynamic batch: ``x`` float32 [batch, 4] -> ``output_0``."""
+    import torch
+
+    version_dir.mkdir(parents=True, exist_ok=True)
+    program = torch.export.export(
+        _torch_mlp(seed),
+        (torch.zeros(2, 4),),
+        dynamic_shapes={"input": {0: torch.export.Dim.DYNAMIC}},
+    )
+    torch.export.save(program, str(version_dir / "model.pt2"))
+    return version_dir / "model.pt2"
+
+
+def write_examples(root: Path) -> None:
+    write_mlp_onnx(root / "mlp" / "1" / "model.onnx", seed=1)
+    write_mlp_onnx(root / "mlp" / "2" / "model.onnx", seed=2)
+    write_adder_onnx(root / "adder" / "1" / "model.onnx")
+    write_counter_onnx(root / "counter" / "1" / "model.onnx")
+    write_torchscript(root / "scaler" / "1", seed=3)
+    write_exported(root / "regressor" / "1", seed=4)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "models")
+    args = parser.parse_args()
+    write_examples(args.out)
+    for path in sorted(args.out.rglob("*")):
+        if path.is_file():
+            print(path.relative_to(args.out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+from multiserve.cli import main
+
+raise SystemExit(main())

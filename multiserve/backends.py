@@ -1,0 +1,94 @@
+"""Finding backends. Backends are separate distributions that register a `Backend` class under
+the ``multiserve.backends`` entry-point group; they are imported only when a model needs them,
+so a missing optional backend never breaks ``import multiserve``."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable
+from importlib.metadata import EntryPoint, entry_points
+from pathlib import Path
+
+from multiserve.errors import BackendNotInstalled, ModelLoadFailed
+from multiserve.types import Backend
+
+ENTRY_POINT_GROUP = "multiserve.backends"
+
+# Artifact file name -> backend name, for the backends this project ships. Knowing these without
+# importing anything lets a scan name the package to install when a backend is missing.
+KNOWN_ARTIFACTS: dict[str, str] = {
+    "model.onnx": "onnx",
+    "model.pt": "torch",
+    "model.pt2": "torch",
+    "predictor.py": "python",
+}
+DISTRIBUTIONS: dict[str, str] = {
+    "onnx": "multiserve-onnx",
+    "torch": "multiserve-torch",
+    "python": "multiserve-python",
+}
+
+logger = logging.getLogger("multiserve.backends")
+
+
+class BackendRegistry:
+    """Installed backends by name, each imported and instantiated once, on first use."""
+
+    def __init__(self, available: Iterable[EntryPoint] | None = None) -> None:
+        if available is None:
+            available = entry_points(group=ENTRY_POINT_GROUP)
+        self._entry_points = {ep.name: ep for ep in available}
+        self._backends: dict[str, Backend] = {}
+        self._lock = threading.Lock()
+
+    def names(self) -> list[str]:
+        return sorted(self._entry_points)
+
+    def get(self, name: str) -> Backend:
+        with self._lock:
+            backend = self._backends.get(name)
+            if backend is not None:
+                return backend
+            entry_point = self._entry_points.get(name)
+            if entry_point is None:
+                distribution = DISTRIBUTIONS.get(name, f"a package providing backend {name!r}")
+                raise BackendNotInstalled(
+                    f"backend {name!r} is not installed: pip install {distribution}"
+                )
+            try:
+                backend = entry_point.load()()
+            except Exception as exc:
+                raise ModelLoadFailed(
+                    f"backend {name!r} ({entry_point.value}) failed to import: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
+            if not isinstance(backend, Backend):
+                raise ModelLoadFailed(
+                    f"{entry_point.value} does not implement the Backend protocol"
+                )
+            self._backends[name] = backend
+            return backend
+
+    def detect(self, version_dir: Path, filenames: Iterable[str]) -> tuple[str, str] | None:
+        """(backend name, artifact) for a version directory, or None if nothing can load it.
+
+        Raises ValueError when the directory holds artifacts for more than one backend.
+        """
+        found = sorted(name for name in filenames if name in KNOWN_ARTIFACTS)
+        if len(found) > 1:
+            raise ValueError(
+                f"more than one model artifact ({', '.join(found)}); keep one per version"
+            )
+        if found:
+            return KNOWN_ARTIFACTS[found[0]], found[0]
+        # Third-party backends: only now are they imported, to ask whether they can load it.
+        for name in self.names():
+            if name in DISTRIBUTIONS:
+                continue
+            try:
+                if self.get(name).can_load(version_dir):
+                    return name, ""
+            except ModelLoadFailed as exc:
+                logger.warning("%s", exc)
+        return None

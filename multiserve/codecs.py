@@ -1,0 +1,151 @@
+"""Request bodies to numpy inputs checked against a model's metadata, and outputs to bodies.
+
+Everything here is CPU work on possibly large payloads, so it runs in a worker thread.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import orjson
+
+from multiserve.errors import InvalidInput, MalformedRequest, NotAcceptable
+from multiserve.types import Array, ModelMetadata, TensorSpec
+
+JSON = "application/json"
+NPY = "application/x-npy"
+
+# Source dtype kinds that may be cast to a target kind without losing meaning.
+_CASTABLE = {
+    "f": "biuf",
+    "i": "biu",
+    "u": "biu",
+    "b": "b",
+    "U": "U",
+}
+
+
+def decode_json(body: bytes, metadata: ModelMetadata) -> dict[str, Array]:
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise MalformedRequest(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(payload, dict) or "inputs" not in payload:
+        raise MalformedRequest('expected a JSON object {"inputs": ...}')
+    inputs = payload["inputs"]
+    if isinstance(inputs, dict):
+        return check_inputs(inputs, metadata)
+    if len(metadata.inputs) != 1:
+        raise InvalidInput(
+            f"the model has {len(metadata.inputs)} inputs ({_names(metadata.inputs)}): "
+            'send {"inputs": {"<input name>": [...], ...}}'
+        )
+    return check_inputs({metadata.inputs[0].name: inputs}, metadata)
+
+
+def decode_npy(body: bytes, metadata: ModelMetadata) -> dict[str, Array]:
+    if len(metadata.inputs) != 1:
+        raise InvalidInput(
+            f"{NPY} bodies are for single-input models; this model has inputs "
+            f"{_names(metadata.inputs)}: send JSON"
+        )
+    try:
+        array = np.load(io.BytesIO(body), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise MalformedRequest(f"request body is not a valid .npy file: {exc}") from None
+    if not isinstance(array, np.ndarray):
+        raise MalformedRequest("request body is not a single .npy array")
+    return check_inputs({metadata.inputs[0].name: array}, metadata)
+
+
+def check_inputs(named: Mapping[str, object], metadata: ModelMetadata) -> dict[str, Array]:
+    """Arrays for exactly the model's inputs, cast to their dtypes, with rank and fixed
+    dimensions checked; InvalidInput (400) naming the input otherwise."""
+    expected = {spec.name for spec in metadata.inputs}
+    unknown = sorted(set(named) - expected)
+    if unknown:
+        raise InvalidInput(
+            f"unknown input {', '.join(map(repr, unknown))}; the model's inputs are "
+            f"{_names(metadata.inputs)}"
+        )
+    missing = [spec.name for spec in metadata.inputs if spec.name not in named]
+    if missing:
+        raise InvalidInput(f"missing input {', '.join(map(repr, missing))}")
+    return {spec.name: _to_array(named[spec.name], spec) for spec in metadata.inputs}
+
+
+def _to_array(value: object, spec: TensorSpec) -> Array:
+    try:
+        array = value if isinstance(value, np.ndarray) else np.asarray(value)
+    except (ValueError, TypeError):
+        raise InvalidInput(
+            f"input {spec.name!r}: not a rectangular array (nested lists of unequal lengths?)"
+        ) from None
+    target = spec.numpy_dtype
+    if array.dtype.kind not in _CASTABLE.get(target.kind, ""):
+        raise InvalidInput(
+            f"input {spec.name!r}: expected {spec.dtype} values, got {_kind_name(array)}"
+        )
+    if target.kind in "iu" and array.size and array.dtype.kind in "iu":
+        info = np.iinfo(target)
+        if array.min() < info.min or array.max() > info.max:
+            raise InvalidInput(
+                f"input {spec.name!r}: values out of range for {spec.dtype} "
+                f"[{info.min}, {info.max}]"
+            )
+    if array.ndim != len(spec.shape) or any(
+        want not in (-1, got) for want, got in zip(spec.shape, array.shape, strict=True)
+    ):
+        raise InvalidInput(
+            f"input {spec.name!r}: expected shape {_shape(spec.shape)}, got {_shape(array.shape)}"
+        )
+    return array if target.kind == "U" else array.astype(target, copy=False)
+
+
+def encode_json(name: str, version: int, outputs: Mapping[str, Array]) -> bytes:
+    return orjson.dumps(
+        {"model_name": name, "model_version": str(version), "outputs": outputs},
+        option=orjson.OPT_SERIALIZE_NUMPY,
+        default=_json_default,
+    )
+
+
+def encode_npy(outputs: Mapping[str, Array], output: str | None) -> bytes:
+    if output is None:
+        if len(outputs) != 1:
+            raise NotAcceptable(
+                f"the model has {len(outputs)} outputs ({', '.join(outputs)}); an {NPY} "
+                "response holds one: add ?output=<name>, or accept application/json"
+            )
+        output = next(iter(outputs))
+    if output not in outputs:
+        raise InvalidInput(f"unknown output {output!r}; outputs: {', '.join(outputs)}")
+    buffer = io.BytesIO()
+    np.save(buffer, outputs[output], allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _json_default(value: Any) -> Any:
+    # orjson serialises contiguous numeric arrays itself and hands the rest (strided views,
+    # strings, numpy scalars) here.
+    if isinstance(value, np.ndarray | np.generic):
+        return value.tolist()
+    raise TypeError(f"cannot serialise {type(value).__name__} as JSON")
+
+
+def _names(specs: tuple[TensorSpec, ...]) -> str:
+    return ", ".join(repr(spec.name) for spec in specs)
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def _kind_name(array: Array) -> str:
+    kind = array.dtype.kind
+    return {"b": "booleans", "i": "integers", "u": "integers", "f": "floats", "U": "strings"}.get(
+        kind, "values of mixed or unsupported types"
+    )

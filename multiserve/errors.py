@@ -1,0 +1,81 @@
+"""Every error a client can see. Each class carries its HTTP status and a stable code; the HTTP
+layer only maps them to ``{"error": {"code": ..., "message": ...}}``."""
+
+from __future__ import annotations
+
+
+class MultiserveError(Exception):
+    status_code = 500
+    code = "internal_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class MalformedRequest(MultiserveError):
+    status_code = 400
+    code = "malformed_request"
+
+
+class InvalidInput(MultiserveError):
+    status_code = 400
+    code = "invalid_input"
+
+
+class NotFound(MultiserveError):
+    status_code = 404
+    code = "not_found"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+
+class VersionNotFound(NotFound):
+    code = "version_not_found"
+
+
+class MethodNotAllowed(MultiserveError):
+    status_code = 405
+    code = "method_not_allowed"
+
+
+class NotAcceptable(MultiserveError):
+    status_code = 406
+    code = "not_acceptable"
+
+
+class PayloadTooLarge(MultiserveError):
+    status_code = 413
+    code = "payload_too_large"
+
+
+class UnsupportedMediaType(MultiserveError):
+    status_code = 415
+    code = "unsupported_media_type"
+
+
+class PredictionFailed(MultiserveError):
+    """The backend raised while predicting; the model stays loaded and keeps serving."""
+
+    status_code = 500
+    code = "prediction_failed"
+
+
+class ModelLoadFailed(MultiserveError):
+    status_code = 503
+    code = "model_load_failed"
+
+
+class BackendNotInstalled(ModelLoadFailed):
+    code = "backend_not_installed"
+
+
+class NotReady(MultiserveError):
+    status_code = 503
+    code = "not_ready"
+
+
+class SettingsError(Exception):
+    """An invalid setting. The message names the key and what is allowed."""

@@ -1,0 +1,25 @@
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from starlette.responses import Response
+
+from multiserve.errors import MultiserveError
+
+
+class ORJSONResponse(Response):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
+
+
+def error_response(
+    code: str, message: str, status_code: int, headers: dict[str, str] | None = None
+) -> ORJSONResponse:
+    return ORJSONResponse({"error": {"code": code, "message": message}}, status_code, headers)
+
+
+def from_error(exc: MultiserveError) -> ORJSONResponse:
+    return error_response(exc.code, exc.message, exc.status_code)

@@ -1,0 +1,182 @@
+"""Native routes: /models, /models/{name}[/{version}][/predict], /healthz, /readyz."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from multiserve import codecs
+from multiserve.catalog import LATEST, ModelRecord, VersionRecord
+from multiserve.concurrency import run_sync
+from multiserve.errors import (
+    MalformedRequest,
+    MethodNotAllowed,
+    PayloadTooLarge,
+    PredictionFailed,
+    UnsupportedMediaType,
+)
+from multiserve.http.responses import ORJSONResponse
+from multiserve.lifecycle import Lease, Lifecycle
+from multiserve.server import ModelServer
+
+logger = logging.getLogger("multiserve.http")
+
+
+def _server(request: Request) -> ModelServer:
+    server: ModelServer = request.app.state.server
+    return server
+
+
+async def healthz(request: Request) -> Response:
+    return ORJSONResponse({"status": "alive"})
+
+
+async def readyz(request: Request) -> Response:
+    server = _server(request)
+    if server.ready:
+        return ORJSONResponse({"status": "ready"})
+    return ORJSONResponse({"status": "not_ready", "reason": server.not_ready_reason}, 503)
+
+
+async def list_models(request: Request) -> Response:
+    server = _server(request)
+    await server.wait_scanned()
+    lifecycle = server.lifecycle
+    models = [_describe_model(lifecycle, model) for model in lifecycle.catalog.models.values()]
+    return ORJSONResponse({"models": models})
+
+
+async def get_model(request: Request) -> Response:
+    server = _server(request)
+    await server.wait_scanned()
+    lifecycle = server.lifecycle
+    return ORJSONResponse(
+        _describe_model(lifecycle, lifecycle.catalog.model(request.path_params["name"]))
+    )
+
+
+async def get_version(request: Request) -> Response:
+    """A version's metadata. Inputs and outputs are known once loaded, so this loads it."""
+    selector = request.path_params["version"]
+    if selector == "predict":
+        raise MethodNotAllowed("predict takes POST")
+    server = _server(request)
+    await server.wait_scanned()
+    async with server.lifecycle.lease(request.path_params["name"], selector) as lease:
+        return ORJSONResponse(_describe_version(server.lifecycle, lease.record))
+
+
+async def predict(request: Request) -> Response:
+    server = _server(request)
+    limit = server.settings.max_request_bytes
+    body_kind = _body_kind(request.headers.get("content-type", ""))
+    _check_length(request, limit)
+    wants_npy = codecs.NPY in request.headers.get("accept", "")
+    output = request.query_params.get("output")
+    name = request.path_params["name"]
+    await server.wait_scanned()
+    async with server.lifecycle.lease(name, request.path_params.get("version", LATEST)) as lease:
+        body = await _read_body(request, limit)
+        content = await run_sync(_predict_blocking, lease, body, body_kind, wants_npy, output)
+    return Response(
+        content,
+        media_type=codecs.NPY if wants_npy else codecs.JSON,
+        headers={"X-Model-Name": name, "X-Model-Version": str(lease.record.version)},
+    )
+
+
+def _predict_blocking(
+    lease: Lease, body: bytes, body_kind: str, wants_npy: bool, output: str | None
+) -> bytes:
+    metadata = lease.model.metadata
+    decode = codecs.decode_npy if body_kind == codecs.NPY else codecs.decode_json
+    inputs = decode(body, metadata)
+    try:
+        outputs = {key: np.asarray(value) for key, value in lease.model.predict(inputs).items()}
+    except Exception as exc:
+        record = lease.record
+        logger.exception("%s version %d raised during predict", record.name, record.version)
+        raise PredictionFailed(
+            f"{record.name} version {record.version}: the model raised {type(exc).__name__}: {exc}"
+        ) from None
+    if wants_npy:
+        return codecs.encode_npy(outputs, output)
+    return codecs.encode_json(lease.record.name, lease.record.version, outputs)
+
+
+def _body_kind(content_type: str) -> str:
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    if media_type in ("", codecs.JSON):
+        return codecs.JSON
+    if media_type == codecs.NPY:
+        return codecs.NPY
+    hint = ""
+    if media_type == "application/x-www-form-urlencoded":
+        hint = f" (curl -d sends this type: add -H 'Content-Type: {codecs.JSON}')"
+    raise UnsupportedMediaType(
+        f"content type {media_type!r} is not supported; send {codecs.JSON} or {codecs.NPY}{hint}"
+    )
+
+
+def _check_length(request: Request, limit: int) -> None:
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise PayloadTooLarge(f"request body of {length} bytes is over the limit of {limit} bytes")
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    chunks = []
+    size = 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise MalformedRequest("the client disconnected before sending the whole body") from None
+    return b"".join(chunks)
+
+
+def _describe_version(lifecycle: Lifecycle, record: VersionRecord) -> dict[str, Any]:
+    state, error = lifecycle.state(record)
+    described: dict[str, Any] = {
+        "name": record.name,
+        "version": str(record.version),
+        "state": state.value,
+        "backend": record.backend,
+        "artifact": record.artifact,
+    }
+    if error is not None:
+        described["error"] = error
+    entry = lifecycle.cache.peek(record.key)
+    if entry is not None:
+        described["memory_bytes"] = entry.memory_bytes
+        described["load_seconds"] = round(entry.load_seconds, 6)
+        described.update(entry.model.metadata.to_json())
+    return described
+
+
+def _describe_model(lifecycle: Lifecycle, model: ModelRecord) -> dict[str, Any]:
+    latest = lifecycle.latest(model.name)
+    return {
+        "name": model.name,
+        "latest": str(latest.version) if latest is not None else None,
+        "versions": [_describe_version(lifecycle, record) for record in model.descending()],
+    }
+
+
+ROUTES = [
+    Route("/healthz", healthz, methods=["GET"]),
+    Route("/readyz", readyz, methods=["GET"]),
+    Route("/models", list_models, methods=["GET"]),
+    Route("/models/{name}", get_model, methods=["GET"]),
+    Route("/models/{name}/predict", predict, methods=["POST"]),
+    Route("/models/{name}/{version}", get_version, methods=["GET"]),
+    Route("/models/{name}/{version}/predict", predict, methods=["POST"]),
+]

@@ -1,0 +1,1 @@
+"""Where models come from: discovery only. Loading belongs to `multiserve.lifecycle`."""

@@ -1,0 +1,194 @@
+"""Typed settings. Precedence, lowest first: the defaults below (documented, with the same
+values, in ``config/multiserve.toml``), a TOML config file, ``MULTISERVE_*`` environment
+variables, CLI flags.
+
+Every value is validated when it is read; an invalid one raises `SettingsError` naming the key
+and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from multiserve.errors import SettingsError
+
+ENV_PREFIX = "MULTISERVE_"
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {
+    "b": 1,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+    "tb": 1000**4,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
+}
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+_DEVICE = re.compile(r"^(cpu|cuda|cuda:\d+)$")
+
+
+def parse_size(value: object) -> int:
+    """Bytes from an int or a string such as ``"512MiB"``, ``"2GiB"``, ``"1.5GB"``, ``"4096"``."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("a size cannot be negative")
+        return value
+    match = _SIZE.match(str(value))
+    if match is None:
+        raise ValueError("expected a size in bytes, such as 1048576, '512MiB' or '2GiB'")
+    number, unit = match.groups()
+    return int(float(number) * _UNITS[(unit or "b").lower()])
+
+
+def _int_in(low: int, high: int) -> Callable[[object], int]:
+    def parse(value: object) -> int:
+        if isinstance(value, bool):
+            raise ValueError(f"expected an integer from {low} to {high}")
+        try:
+            number = int(str(value).strip()) if not isinstance(value, int) else value
+        except ValueError:
+            raise ValueError(f"expected an integer from {low} to {high}") from None
+        if not low <= number <= high:
+            raise ValueError(f"expected an integer from {low} to {high}")
+        return number
+
+    return parse
+
+
+def _positive_float(value: object) -> float:
+    try:
+        number = float(str(value)) if not isinstance(value, int | float) else float(value)
+    except ValueError:
+        raise ValueError("expected a number of seconds >= 0") from None
+    if number < 0 or isinstance(value, bool):
+        raise ValueError("expected a number of seconds >= 0")
+    return number
+
+
+def _choice(*allowed: str) -> Callable[[object], str]:
+    def parse(value: object) -> str:
+        text = str(value).strip().lower()
+        if text not in allowed:
+            raise ValueError(f"expected one of {', '.join(allowed)}")
+        return text
+
+    return parse
+
+
+def _device(value: object) -> str:
+    text = str(value).strip().lower()
+    if not _DEVICE.match(text):
+        raise ValueError("expected 'cpu', 'cuda' or 'cuda:N'")
+    return text
+
+
+def _bool(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected true or false")
+
+
+def _text(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError("expected a string")
+    return value
+
+
+def _setting(default: Any, parse: Callable[[object], Any], doc: str) -> Any:
+    return field(default=default, metadata={"parse": parse, "doc": doc})
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    models: str = _setting(
+        "", _text, "Model repository: a local directory of <name>/<version>/<artifact>."
+    )
+    host: str = _setting("127.0.0.1", _text, "Address to listen on; 0.0.0.0 for every interface.")
+    port: int = _setting(8000, _int_in(0, 65535), "TCP port to listen on; 0 picks a free one.")
+    log_level: str = _setting(
+        "info", _choice(*LOG_LEVELS), "Log level: " + ", ".join(LOG_LEVELS) + "."
+    )
+    max_request_bytes: int = _setting(
+        64 * 1024**2, parse_size, "Largest request body accepted; larger ones get 413."
+    )
+    worker_threads: int = _setting(
+        16, _int_in(1, 1024), "Threads that run inference and model loads off the event loop."
+    )
+    device: str = _setting(
+        "cpu", _device, "Device for models whose config.toml names none: cpu, cuda or cuda:N."
+    )
+    access_log: bool = _setting(False, _bool, "Log one line per request.")
+    shutdown_timeout_s: float = _setting(
+        30.0, _positive_float, "Seconds to let running requests finish on SIGTERM."
+    )
+
+    @classmethod
+    def docs(cls) -> dict[str, str]:
+        return {f.name: f.metadata["doc"] for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def load(
+        cls,
+        config_file: str | Path | None = None,
+        environ: Mapping[str, str] | None = None,
+        overrides: Mapping[str, object] | None = None,
+    ) -> Settings:
+        """Merge the config file, the environment and explicit overrides (CLI flags)."""
+        environ = os.environ if environ is None else environ
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = {}
+
+        if config_file is None and environ.get(ENV_PREFIX + "CONFIG"):
+            config_file = environ[ENV_PREFIX + "CONFIG"]
+        if config_file is not None:
+            path = Path(config_file)
+            try:
+                table = tomllib.loads(path.read_text())
+            except OSError as exc:
+                raise SettingsError(f"config file {str(path)!r}: {exc.strerror}") from None
+            except tomllib.TOMLDecodeError as exc:
+                raise SettingsError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
+            for key, value in table.items():
+                if key not in fields:
+                    raise SettingsError(
+                        f"config file {str(path)!r}: unknown key {key!r}; known keys: "
+                        + ", ".join(fields)
+                    )
+                values[key] = _parse(fields[key], value, f"{key} (in {path})")
+
+        for name, spec in fields.items():
+            env_name = ENV_PREFIX + name.upper()
+            if env_name in environ:
+                values[name] = _parse(spec, environ[env_name], env_name)
+
+        for name, value in (overrides or {}).items():
+            if value is None:
+                continue
+            if name not in fields:
+                raise SettingsError(f"unknown setting {name!r}")
+            values[name] = _parse(fields[name], value, "--" + name.replace("_", "-"))
+        return cls(**values)
+
+
+def _parse(spec: dataclasses.Field[Any], value: object, source: str) -> Any:
+    try:
+        return spec.metadata["parse"](value)
+    except ValueError as exc:
+        raise SettingsError(f"invalid value {value!r} for {source}: {exc}") from None
