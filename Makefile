@@ -1,0 +1,34 @@
+# One command per job. `make serve` and `make test` are the README's two commands.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PORT ?= 8000
+
+.PHONY: install examples serve test lint typecheck unit clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+# The core, every backend and the dev tools, pinned by constraints.txt (torch==2.13.0, CPU).
+install: $(BIN)/python
+	$(BIN)/pip install --quiet -c constraints.txt -r requirements-dev.txt
+
+examples: install
+	$(BIN)/python examples/make_models.py --out examples/models
+
+serve: examples
+	$(BIN)/multiserve serve --models examples/models --port $(PORT)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: install
+	$(BIN)/mypy
+
+test: lint typecheck
+	$(BIN)/pytest
+
+clean:
+	rm -rf $(VENV) examples/models .pytest_cache .mypy_cache .ruff_cache
