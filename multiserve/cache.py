@@ -1,65 +1,135 @@
-"""The loaded models, in least-recently-used order. No I/O: closing models is the lifecycle's."""
+"""The LRU of loaded models, bounded by count and by bytes, with pinned keys exempt.
+
+Pure policy: no I/O, no clocks beyond a counter, no closing of models (the lifecycle does that
+with the victims this cache names). All of it runs on the event loop, so each call is atomic.
+"""
 
 from __future__ import annotations
 
-import time
 from collections import OrderedDict
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Hashable, Iterator
+from dataclasses import dataclass
+from typing import Generic, TypeVar
 
-from multiserve.catalog import Key, VersionRecord
-from multiserve.types import LoadedModel
-
-
-@dataclass(slots=True, eq=False)
-class LoadedEntry:
-    record: VersionRecord
-    model: LoadedModel
-    memory_bytes: int
-    load_seconds: float
-    loaded_at: float = field(default_factory=time.time)
-    last_used: float = field(default_factory=time.time)
-    # Requests running on this model right now; it may only be closed at zero.
-    in_flight: int = 0
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
 
 
-class ModelCache:
-    def __init__(self) -> None:
-        self._entries: OrderedDict[Key, LoadedEntry] = OrderedDict()
+class CacheFull(Exception):
+    """Admitting the item would break a bound that evicting every unpinned item cannot restore."""
+
+
+@dataclass(slots=True)
+class _Slot(Generic[V]):
+    value: V
+    nbytes: int
+
+
+class ModelCache(Generic[K, V]):
+    """``max_items`` / ``max_bytes`` of 0 mean unbounded."""
+
+    def __init__(self, max_items: int = 0, max_bytes: int = 0) -> None:
+        if max_items < 0 or max_bytes < 0:
+            raise ValueError("cache bounds must be >= 0 (0 means unbounded)")
+        self.max_items = max_items
+        self.max_bytes = max_bytes
+        self._slots: OrderedDict[K, _Slot[V]] = OrderedDict()
+        self._pins: set[K] = set()
         self.hits = 0
         self.misses = 0
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._slots)
 
-    def __contains__(self, key: Key) -> bool:
-        return key in self._entries
+    def __contains__(self, key: object) -> bool:
+        return key in self._slots
 
-    def __iter__(self) -> Iterator[LoadedEntry]:
-        """Entries from least to most recently used."""
-        return iter(list(self._entries.values()))
+    def __iter__(self) -> Iterator[K]:
+        """Keys from least to most recently used (a snapshot)."""
+        return iter(list(self._slots))
 
-    def peek(self, key: Key) -> LoadedEntry | None:
-        """The entry, without counting a use."""
-        return self._entries.get(key)
+    def items(self) -> Iterator[tuple[K, V]]:
+        """From least to most recently used."""
+        return iter([(key, slot.value) for key, slot in self._slots.items()])
 
-    def use(self, key: Key) -> LoadedEntry | None:
-        """The entry, marked most recently used; None (a miss) if it is not loaded."""
-        entry = self._entries.get(key)
-        if entry is None:
+    def keys(self) -> list[K]:
+        return list(self._slots)
+
+    def nbytes(self, key: K) -> int:
+        return self._slots[key].nbytes
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(slot.nbytes for slot in self._slots.values())
+
+    def peek(self, key: K) -> V | None:
+        slot = self._slots.get(key)
+        return None if slot is None else slot.value
+
+    def get(self, key: K) -> V | None:
+        """The value, now the most recently used; None (a miss) if absent."""
+        slot = self._slots.get(key)
+        if slot is None:
             self.misses += 1
             return None
         self.hits += 1
-        self._entries.move_to_end(key)
-        entry.last_used = time.time()
-        return entry
+        self._slots.move_to_end(key)
+        return slot.value
 
-    def add(self, entry: LoadedEntry) -> None:
-        self._entries[entry.record.key] = entry
+    def victims(self, key: K, nbytes: int) -> list[K]:
+        """The least recently used unpinned keys to evict so that ``key`` (``nbytes``) fits.
 
-    def remove(self, key: Key) -> LoadedEntry | None:
-        return self._entries.pop(key, None)
+        Raises CacheFull, naming why, if it cannot fit even then; nothing is changed either way.
+        """
+        if self.max_bytes and nbytes > self.max_bytes:
+            raise CacheFull(f"needs {nbytes} bytes, more than the whole budget of {self.max_bytes}")
+        items = len(self._slots) + (0 if key in self._slots else 1)
+        total = self.total_bytes - (self._slots[key].nbytes if key in self._slots else 0) + nbytes
+        chosen: list[K] = []
+        for candidate, slot in self._slots.items():
+            if not self._over(items, total):
+                break
+            if candidate == key or candidate in self._pins:
+                continue
+            chosen.append(candidate)
+            items -= 1
+            total -= slot.nbytes
+        if self._over(items, total):
+            held = [k for k in self._pins if k in self._slots]
+            pinned = sum(self._slots[k].nbytes for k in held)
+            raise CacheFull(
+                f"needs {nbytes} bytes; pinned models hold {pinned} bytes of the "
+                f"{self.max_bytes or 'unbounded'} byte budget and {len(held)} of "
+                f"{self.max_items or 'unbounded'} slots"
+            )
+        return chosen
+
+    def _over(self, items: int, total: int) -> bool:
+        too_many = self.max_items and items > self.max_items
+        return bool(too_many or (self.max_bytes and total > self.max_bytes))
+
+    def put(self, key: K, value: V, nbytes: int) -> None:
+        """Add (or replace) ``key`` as the most recently used. Evict ``victims()`` first: this
+        raises CacheFull rather than break a bound."""
+        if self.victims(key, nbytes):
+            raise CacheFull("evict the victims before putting")
+        self._slots[key] = _Slot(value, nbytes)
+        self._slots.move_to_end(key)
+
+    def remove(self, key: K) -> V | None:
+        slot = self._slots.pop(key, None)
+        return None if slot is None else slot.value
+
+    def pin(self, key: K) -> None:
+        """Exempt ``key`` from eviction, whether it is loaded now or later."""
+        self._pins.add(key)
+
+    def unpin(self, key: K) -> None:
+        self._pins.discard(key)
+
+    def is_pinned(self, key: K) -> bool:
+        return key in self._pins
 
     @property
-    def memory_bytes(self) -> int:
-        return sum(entry.memory_bytes for entry in self._entries.values())
+    def pins(self) -> frozenset[K]:
+        return frozenset(self._pins)

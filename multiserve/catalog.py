@@ -15,10 +15,19 @@ Key = tuple[str, int]
 LATEST = "latest"
 
 
+Ident = tuple[str, int, str]  # (name, version, fingerprint): one set of a version's files
+
+
 @dataclass(frozen=True, slots=True)
 class VersionRecord:
-    """One version directory as discovered. ``problem`` is set when discovery already knows
-    it cannot load (a bad config.toml, two artifacts); such a version is reported as failed."""
+    """One version directory as discovered.
+
+    ``problem`` is set when discovery already knows it cannot load (a bad config.toml, two
+    artifacts); such a version is reported as failed. ``fingerprint`` changes whenever any of
+    its files does. ``settled`` is false while its files are still being written; ``staged``
+    is true while a newer version of a hot model is being loaded and warmed before ``latest``
+    moves to it.
+    """
 
     name: str
     version: int
@@ -27,10 +36,22 @@ class VersionRecord:
     artifact: str | None
     options: Mapping[str, Any] = field(default_factory=dict)
     problem: str | None = None
+    fingerprint: str = ""
+    changed_at: float = 0.0
+    marker: bool = False
+    size_bytes: int = 0
+    version_policy: str | None = None
+    warmup: bool | None = None
+    settled: bool = True
+    staged: bool = False
 
     @property
     def key(self) -> Key:
         return (self.name, self.version)
+
+    @property
+    def ident(self) -> Ident:
+        return (self.name, self.version, self.fingerprint)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +80,18 @@ class Catalog:
                 }
             )
         )
+
+    def find(self, key: Key) -> VersionRecord | None:
+        model = self.models.get(key[0])
+        return None if model is None else model.versions.get(key[1])
+
+    def records(self) -> list[VersionRecord]:
+        return [record for model in self.models.values() for record in model.versions.values()]
+
+    def with_record(self, record: VersionRecord) -> Catalog:
+        """A new catalog with ``record`` in place of the one with its key."""
+        records = [r for r in self.records() if r.key != record.key]
+        return Catalog.from_records([*records, record])
 
     def model(self, name: str) -> ModelRecord:
         model = self.models.get(name)

@@ -7,6 +7,7 @@ from __future__ import annotations
 class MultiserveError(Exception):
     status_code = 500
     code = "internal_error"
+    headers: dict[str, str] | None = None
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -21,6 +22,12 @@ class MalformedRequest(MultiserveError):
 class InvalidInput(MultiserveError):
     status_code = 400
     code = "invalid_input"
+
+
+class Unauthorized(MultiserveError):
+    status_code = 401
+    code = "unauthorized"
+    headers = {"WWW-Authenticate": "Bearer"}
 
 
 class NotFound(MultiserveError):
@@ -44,6 +51,11 @@ class MethodNotAllowed(MultiserveError):
 class NotAcceptable(MultiserveError):
     status_code = 406
     code = "not_acceptable"
+
+
+class Conflict(MultiserveError):
+    status_code = 409
+    code = "conflict"
 
 
 class PayloadTooLarge(MultiserveError):
@@ -70,6 +82,27 @@ class ModelLoadFailed(MultiserveError):
 
 class BackendNotInstalled(ModelLoadFailed):
     code = "backend_not_installed"
+
+
+class VersionSettling(MultiserveError):
+    """The version's files are still being written; it is not a model yet."""
+
+    status_code = 503
+    code = "version_settling"
+    headers = {"Retry-After": "1"}
+
+
+class ModelTooLarge(MultiserveError):
+    """Loading the model would break the memory or count budget even after evicting every
+    unpinned model; nothing is evicted for it."""
+
+    status_code = 507
+    code = "insufficient_memory"
+
+
+class StateNotSaved(MultiserveError):
+    status_code = 500
+    code = "state_not_saved"
 
 
 class NotReady(MultiserveError):

@@ -1,34 +1,67 @@
-"""Loading models: one load per version at a time, shared by every request that waits for it.
+"""A version's life: settling, single-flight loads with warm-up, atomic swaps, LRU eviction
+with drain-then-close.
 
-All state here is changed on the event loop only, so each change is atomic with respect to
-requests; the blocking part of a load runs in a worker thread.
+Every state change here happens on the event loop in code that does not await in between, so
+each one is atomic with respect to requests; loads and closes run in worker threads. A model's
+loads are serialised by a per-model lock: one transition per model at a time.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path
+from typing import Any
 
+import numpy as np
+
+from multiserve import codecs
 from multiserve.backends import BackendRegistry
-from multiserve.cache import LoadedEntry, ModelCache
-from multiserve.catalog import LATEST, Catalog, Key, VersionRecord
+from multiserve.cache import CacheFull, ModelCache
+from multiserve.catalog import LATEST, Catalog, Ident, Key, VersionRecord
 from multiserve.concurrency import run_sync
-from multiserve.errors import ModelLoadFailed, MultiserveError
-from multiserve.types import LoadedModel, ModelMetadata
+from multiserve.errors import (
+    ModelLoadFailed,
+    ModelTooLarge,
+    MultiserveError,
+    VersionNotFound,
+    VersionSettling,
+)
+from multiserve.memory import release_freed_memory, rss_bytes
+from multiserve.types import Array, LoadedModel, ModelMetadata, TensorSpec
 
 logger = logging.getLogger("multiserve.lifecycle")
 
+WARMUP_NPZ = "warmup.npz"
+WARMUP_JSON = "warmup.json"
+
 
 class VersionState(StrEnum):
-    AVAILABLE = "available"  # discovered, not loaded; loads on its first request
-    LOADING = "loading"
+    SETTLING = "settling"  # files still being written; not a model yet
+    AVAILABLE = "available"  # complete, not loaded; loads on its first request
+    LOADING = "loading"  # loading and warming up
     READY = "ready"
     FAILED = "failed"  # the error is kept and shown; other versions keep serving
+
+
+@dataclass(slots=True, eq=False)
+class LoadedEntry:
+    record: VersionRecord
+    model: LoadedModel
+    memory_bytes: int
+    load_seconds: float
+    loaded_at: float = field(default_factory=time.time)
+    last_used: float = field(default_factory=time.time)
+    in_flight: int = 0  # requests running on it now; it is closed only at zero
+    retiring: bool = False  # out of the cache; closes when in_flight reaches zero
+    closed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,108 +73,285 @@ class Lease:
 
 
 class Lifecycle:
-    def __init__(self, registry: BackendRegistry, default_device: str = "cpu") -> None:
+    def __init__(
+        self,
+        registry: BackendRegistry,
+        *,
+        default_device: str = "cpu",
+        max_models: int = 0,
+        max_memory: int = 0,
+        settle_window_s: float = 1.0,
+        version_policy: str = "latest",
+        warmup: bool = True,
+    ) -> None:
         self.registry = registry
         self.default_device = default_device
+        self.settle_window_s = settle_window_s
+        self.version_policy = version_policy
+        self.warmup = warmup
         self.catalog = Catalog()
-        self.cache = ModelCache()
-        self._loads: dict[Key, asyncio.Future[LoadedEntry]] = {}
-        self._failures: dict[Key, str] = {}
+        self.cache: ModelCache[Key, LoadedEntry] = ModelCache(max_models, max_memory)
+        self.labels: dict[str, dict[str, int]] = {}
+        self._loads: dict[Ident, asyncio.Future[LoadedEntry]] = {}
+        self._failures: dict[Ident, str] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._promotions: dict[Ident, asyncio.Task[None]] = {}
+        self._closing: set[asyncio.Task[None]] = set()
         self.loads = 0
         self.load_failures = 0
+        self.evictions = 0
+        self.swaps = 0
 
-    def publish(self, catalog: Catalog) -> None:
-        """Make ``catalog`` the snapshot every new request resolves against."""
-        self.catalog = catalog
+    # --- discovery ------------------------------------------------------------------------
+
+    def reconcile(self, records: list[VersionRecord], now: float) -> float | None:
+        """Publish what a scan found. Returns the seconds until a settling version should be
+        looked at again, or None if none is settling."""
+        old = self.catalog
+        hot = {key[0] for key in self.cache}
+        published: list[VersionRecord] = []
+        next_check: float | None = None
+        for record in records:
+            settled = record.marker or now - record.changed_at >= self.settle_window_s
+            if not settled:
+                wait = record.changed_at + self.settle_window_s - now
+                next_check = wait if next_check is None else min(next_check, wait)
+            previous = old.find(record.key)
+            newly_settled = settled and (
+                previous is None
+                or previous.fingerprint != record.fingerprint
+                or not previous.settled
+            )
+            if newly_settled:
+                staged = record.name in hot and self._newer_than_served(record)
+            else:
+                staged = settled and previous is not None and previous.staged
+            published.append(dataclasses.replace(record, settled=settled, staged=staged))
+
+        self.catalog = Catalog.from_records(published)
+        current = {record.ident for record in published}
+        self._failures = {ident: e for ident, e in self._failures.items() if ident in current}
+        for key, entry in self.cache.items():
+            if self.catalog.find(key) is None:
+                logger.info("%s version %d was removed: retiring it", key[0], key[1])
+                self._retire(entry)
+        for record in published:
+            if record.staged and record.ident not in self._promotions:
+                self._promotions[record.ident] = asyncio.create_task(self._promote(record))
+        return None if next_check is None else max(next_check, 0.0)
+
+    def _newer_than_served(self, record: VersionRecord) -> bool:
+        if record.key in self.cache:
+            return True  # the files of a loaded version changed: reload before serving them
+        served = self.latest(record.name) if record.name in self.catalog.models else None
+        return served is None or record.version > served.version
+
+    async def _promote(self, record: VersionRecord) -> None:
+        """Load and warm a newer version of a hot model, then, in one step, let it serve."""
+        try:
+            await self._load_shared(record)
+            loaded = True
+        except MultiserveError as exc:
+            loaded = False
+            logger.warning("%s; %s keeps serving its previous version", exc.message, record.name)
+        finally:
+            del self._promotions[record.ident]
+        current = self.catalog.find(record.key)
+        if current is None or current.ident != record.ident or not current.staged:
+            return
+        self.catalog = self.catalog.with_record(dataclasses.replace(current, staged=False))
+        if loaded:
+            self.swaps += 1
+            logger.info("%s now serves version %d", record.name, record.version)
+            self._apply_version_policy(record)
+
+    def _apply_version_policy(self, promoted: VersionRecord) -> None:
+        if (promoted.version_policy or self.version_policy) != "latest":
+            return
+        labelled = set(self.labels.get(promoted.name, {}).values())
+        for key, entry in self.cache.items():
+            if (
+                key[0] == promoted.name
+                and key != promoted.key
+                and not self.cache.is_pinned(key)
+                and key[1] not in labelled
+            ):
+                self._retire(entry)
+
+    # --- what requests see ----------------------------------------------------------------
 
     def state(self, record: VersionRecord) -> tuple[VersionState, str | None]:
         """The version's state and, when it failed, why."""
         if record.problem is not None:
             return VersionState.FAILED, record.problem
+        failure = self._failures.get(record.ident)
         if record.key in self.cache:
-            return VersionState.READY, None
-        if record.key in self._loads:
+            return VersionState.READY, failure
+        if record.ident in self._loads:
             return VersionState.LOADING, None
-        failure = self._failures.get(record.key)
         if failure is not None:
             return VersionState.FAILED, failure
+        if not record.settled:
+            return VersionState.SETTLING, None
         return VersionState.AVAILABLE, None
 
+    def _servable(self, record: VersionRecord) -> bool:
+        if record.key in self.cache:
+            return True  # loaded files keep serving while new ones settle or warm up
+        return (
+            record.settled
+            and not record.staged
+            and record.problem is None
+            and record.ident not in self._failures
+        )
+
     def latest(self, name: str) -> VersionRecord | None:
-        """The highest version not known to have failed."""
+        """The version ``latest`` means now: the highest that can serve."""
         for record in self.catalog.model(name).descending():
-            if self.state(record)[0] is not VersionState.FAILED:
+            if self._servable(record):
                 return record
         return None
 
+    def resolve(self, name: str, selector: str) -> list[VersionRecord]:
+        """The versions a URL's version part may mean, best first."""
+        label = self.labels.get(name, {}).get(selector)
+        if label is not None:
+            record = self.catalog.model(name).versions.get(label)
+            if record is None:
+                raise VersionNotFound(
+                    f"label {selector!r} of {name!r} points to version {label}, which is not "
+                    "in the repository"
+                )
+            return [record]
+        candidates = self.catalog.candidates(name, selector)
+        if selector != LATEST:
+            return candidates
+        servable = [record for record in candidates if self._servable(record)]
+        if not servable:
+            if all(not record.settled for record in candidates):
+                raise VersionSettling(f"model {name!r} has no version ready yet: still settling")
+            failing = next((r for r in candidates if r.settled), candidates[0])
+            _, error = self.state(failing)
+            raise ModelLoadFailed(
+                f"model {name!r} has no version that loads; newest error: {error}"
+            )
+        return servable
+
     @asynccontextmanager
     async def lease(self, name: str, selector: str) -> AsyncIterator[Lease]:
-        """Hold the model that ``name``/``selector`` resolves to, loading it if needed."""
+        """Hold the model that ``name``/``selector`` resolves to, loading it if needed. The
+        model is not closed before the lease ends, even if it is evicted meanwhile."""
         entry = await self.acquire(name, selector)
         entry.in_flight += 1
         try:
             yield Lease(entry.record, entry.model)
         finally:
-            entry.in_flight -= 1
+            self._release(entry)
 
     async def acquire(self, name: str, selector: str) -> LoadedEntry:
-        candidates = self.catalog.candidates(name, selector)
+        candidates = self.resolve(name, selector)
         if selector != LATEST:
             return await self._entry(candidates[0])
         # `latest` is the highest version that loads: fall back past failures.
-        first_error: ModelLoadFailed | None = None
+        first_error: MultiserveError | None = None
         for record in candidates:
             try:
                 return await self._entry(record)
-            except ModelLoadFailed as exc:
+            except (ModelLoadFailed, ModelTooLarge) as exc:
                 first_error = first_error or exc
         assert first_error is not None
+        if isinstance(first_error, ModelTooLarge):
+            raise first_error
         raise ModelLoadFailed(
             f"model {name!r} has no version that loads; newest error: {first_error.message}"
         )
 
     async def _entry(self, record: VersionRecord) -> LoadedEntry:
-        entry = self.cache.use(record.key)
-        if entry is not None:
+        entry = self.cache.get(record.key)
+        if entry is not None and (
+            entry.record.fingerprint == record.fingerprint
+            or record.staged
+            or not record.settled
+            or record.ident in self._failures
+        ):
+            entry.last_used = time.time()
             return entry
-        state, error = self.state(record)
-        if state is VersionState.FAILED:
-            raise ModelLoadFailed(error or "load failed")
-        future = self._loads.get(record.key)
+        if record.problem is not None:
+            raise ModelLoadFailed(record.problem)
+        failure = self._failures.get(record.ident)
+        if failure is not None:
+            raise ModelLoadFailed(failure)
+        if not record.settled:
+            raise VersionSettling(
+                f"{record.name} version {record.version} is still being written (settling)"
+            )
+        return await self._load_shared(record)
+
+    async def _load_shared(self, record: VersionRecord) -> LoadedEntry:
+        future = self._loads.get(record.ident)
         if future is None:
             future = asyncio.ensure_future(self._load(record))
             # A load whose waiters all went away must not log "exception never retrieved".
             future.add_done_callback(lambda f: f.cancelled() or f.exception())
-            self._loads[record.key] = future
+            self._loads[record.ident] = future
         # Shielded: a client that disconnects must not cancel a load others are waiting for.
         return await asyncio.shield(future)
 
+    # --- loading --------------------------------------------------------------------------
+
     async def _load(self, record: VersionRecord) -> LoadedEntry:
-        started = time.perf_counter()
+        what = f"{record.name} version {record.version}"
+        lock = self._locks.setdefault(record.name, asyncio.Lock())
         try:
-            model = await run_sync(self._load_blocking, record)
-        except ModelLoadFailed as exc:
-            self._failures[record.key] = exc.message
-            self.load_failures += 1
-            logger.error("%s", exc.message)
-            raise
+            async with lock:
+                # Make room for what its files weigh before loading, not after.
+                self._make_room(record.key, record.size_bytes, what)
+                started = time.perf_counter()
+                try:
+                    model, nbytes = await run_sync(self._load_blocking, record)
+                except ModelLoadFailed as exc:
+                    self._failures[record.ident] = exc.message
+                    self.load_failures += 1
+                    logger.error("%s", exc.message)
+                    raise
+                seconds = time.perf_counter() - started
+                entry = LoadedEntry(record, model, nbytes, seconds)
+                try:
+                    self._admit(entry, what)
+                except MultiserveError:
+                    entry.retiring = True
+                    self._close_when_idle(entry)
+                    raise
         finally:
-            del self._loads[record.key]
-        seconds = time.perf_counter() - started
-        entry = LoadedEntry(record, model, int(model.memory_bytes), seconds)
-        self.cache.add(entry)
+            del self._loads[record.ident]
         self.loads += 1
-        logger.info(
-            "loaded %s version %d (%s, %d bytes) in %.3f s",
-            record.name,
-            record.version,
-            record.backend,
-            entry.memory_bytes,
-            seconds,
-        )
+        logger.info("loaded %s (%s, %d bytes) in %.3f s", what, record.backend, nbytes, seconds)
         return entry
 
-    def _load_blocking(self, record: VersionRecord) -> LoadedModel:
+    def _make_room(self, key: Key, nbytes: int, what: str) -> None:
+        try:
+            victims = self.cache.victims(key, nbytes)
+        except CacheFull as exc:
+            raise ModelTooLarge(f"{what} does not fit the cache: {exc}") from None
+        for victim in victims:
+            entry = self.cache.peek(victim)
+            if entry is not None:
+                logger.info("evicting %s version %d (least recently used)", *victim)
+                self.evictions += 1
+                self._retire(entry)
+
+    def _admit(self, entry: LoadedEntry, what: str) -> None:
+        record = entry.record
+        current = self.catalog.find(record.key)
+        if current is None or current.fingerprint != record.fingerprint:
+            raise ModelLoadFailed(f"{what} changed or was removed while it loaded; retry")
+        self._make_room(record.key, entry.memory_bytes, what)
+        replaced = self.cache.peek(record.key)
+        self.cache.put(record.key, entry, entry.memory_bytes)
+        if replaced is not None:
+            self._retire_entry(replaced)
+
+    def _load_blocking(self, record: VersionRecord) -> tuple[LoadedModel, int]:
         what = f"{record.name} version {record.version}"
         if record.backend is None:
             raise ModelLoadFailed(f"{what}: no backend can load it")
@@ -150,7 +360,10 @@ class Lifecycle:
         except ModelLoadFailed as exc:
             raise type(exc)(f"{what}: {exc.message}") from exc
         options = {"device": self.default_device, **record.options}
+        before = rss_bytes()
         try:
+            if record.artifact is not None:
+                _verify_checksum(record.path / record.artifact)
             model = backend.load(record.path, options)
         except MultiserveError as exc:
             raise ModelLoadFailed(f"{what}: {exc.message}") from exc
@@ -159,9 +372,149 @@ class Lifecycle:
             raise ModelLoadFailed(f"{what} failed to load: {type(exc).__name__}: {exc}") from exc
         if not isinstance(model, LoadedModel) or not isinstance(model.metadata, ModelMetadata):
             raise ModelLoadFailed(f"{what}: backend {record.backend!r} returned no LoadedModel")
-        return model
+        try:
+            if record.warmup if record.warmup is not None else self.warmup:
+                _warm_up(record, model)
+        except ModelLoadFailed:
+            model.close()
+            raise
+        after = rss_bytes()
+        # The backend's own figure, or what the process grew by, whichever is larger: some
+        # runtimes allocate far more than their weights (arenas, compiled kernels).
+        grown = after - before if before is not None and after is not None else 0
+        return model, max(int(model.memory_bytes), grown)
+
+    # --- retiring and closing -------------------------------------------------------------
+
+    def _retire(self, entry: LoadedEntry) -> None:
+        """Take the entry out of the cache now; close it after its last running request."""
+        if self.cache.peek(entry.record.key) is entry:
+            self.cache.remove(entry.record.key)
+        self._retire_entry(entry)
+
+    def _retire_entry(self, entry: LoadedEntry) -> None:
+        if entry.retiring:
+            return
+        entry.retiring = True
+        self._close_when_idle(entry)
+
+    def _release(self, entry: LoadedEntry) -> None:
+        entry.in_flight -= 1
+        self._close_when_idle(entry)
+
+    def _close_when_idle(self, entry: LoadedEntry) -> None:
+        if not entry.retiring or entry.in_flight > 0 or entry.closed:
+            return
+        entry.closed = True
+        task = asyncio.get_running_loop().create_task(run_sync(_close, entry))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def evict(self, key: Key) -> bool:
+        """Evict a loaded version (draining it). False if it was not loaded."""
+        entry = self.cache.peek(key)
+        if entry is None:
+            return False
+        self.evictions += 1
+        self._retire(entry)
+        return True
 
     async def close_all(self) -> None:
-        for entry in self.cache:
-            self.cache.remove(entry.record.key)
-            await run_sync(entry.model.close)
+        for task in list(self._promotions.values()):
+            task.cancel()
+        for _, entry in self.cache.items():
+            self._retire(entry)
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
+
+    def describe(self, record: VersionRecord) -> dict[str, Any]:
+        state, error = self.state(record)
+        described: dict[str, Any] = {
+            "name": record.name,
+            "version": str(record.version),
+            "state": state.value,
+            "backend": record.backend,
+            "artifact": record.artifact,
+            "pinned": self.cache.is_pinned(record.key),
+            "labels": sorted(
+                label
+                for label, v in self.labels.get(record.name, {}).items()
+                if v == record.version
+            ),
+        }
+        if error is not None:
+            described["error"] = error
+        entry = self.cache.peek(record.key)
+        if entry is not None:
+            described["memory_bytes"] = entry.memory_bytes
+            described["load_seconds"] = round(entry.load_seconds, 6)
+            described.update(entry.model.metadata.to_json())
+        return described
+
+    def loaded_entries(self) -> list[tuple[Key, LoadedEntry]]:
+        return list(self.cache.items())
+
+
+def _close(entry: LoadedEntry) -> None:
+    record = entry.record
+    try:
+        entry.model.close()
+    except Exception:
+        logger.exception("closing %s version %d failed", record.name, record.version)
+    release_freed_memory()
+    logger.info("closed %s version %d", record.name, record.version)
+
+
+def _verify_checksum(artifact: Path) -> None:
+    sidecar = artifact.with_name(artifact.name + ".sha256")
+    if not sidecar.is_file():
+        return
+    expected = sidecar.read_text().split()[0].lower() if sidecar.read_text().split() else ""
+    digest = hashlib.sha256()
+    with artifact.open("rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    if digest.hexdigest() != expected:
+        raise ModelLoadFailed(
+            f"{artifact.name} does not match {sidecar.name}: sha256 is {digest.hexdigest()}, "
+            f"expected {expected or '(empty file)'}"
+        )
+
+
+def _warm_up(record: VersionRecord, model: LoadedModel) -> None:
+    """One inference before the version serves: on ``warmup.npz`` / ``warmup.json`` if the
+    version has one (a failure then fails the load), else on inputs made from the metadata
+    (a failure is only logged: zeros are not every model's idea of a valid input)."""
+    what = f"{record.name} version {record.version}"
+    metadata = model.metadata
+    sample: Mapping[str, Array] | None = None
+    try:
+        if (record.path / WARMUP_NPZ).is_file():
+            with np.load(record.path / WARMUP_NPZ, allow_pickle=False) as arrays:
+                sample = codecs.check_inputs(dict(arrays), metadata)
+        elif (record.path / WARMUP_JSON).is_file():
+            sample = codecs.decode_json((record.path / WARMUP_JSON).read_bytes(), metadata)
+    except (MultiserveError, OSError, ValueError) as exc:
+        message = exc.message if isinstance(exc, MultiserveError) else str(exc)
+        raise ModelLoadFailed(f"{what}: its warm-up sample is unusable: {message}") from exc
+    if sample is not None:
+        try:
+            model.predict(sample)
+        except Exception as exc:
+            raise ModelLoadFailed(
+                f"{what} failed its warm-up: {type(exc).__name__}: {exc}"
+            ) from exc
+        return
+    try:
+        model.predict({spec.name: _synthetic(spec) for spec in metadata.inputs})
+    except Exception as exc:
+        logger.warning(
+            "%s: warm-up on synthetic inputs raised %s: %s", what, type(exc).__name__, exc
+        )
+
+
+def _synthetic(spec: TensorSpec) -> Array:
+    shape = tuple(1 if dim < 0 else dim for dim in spec.shape)
+    if spec.dtype == "string":
+        return np.full(shape, "", dtype=np.str_)
+    return np.zeros(shape, dtype=spec.numpy_dtype)

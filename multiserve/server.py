@@ -1,21 +1,37 @@
-"""One model server: a repository, the catalog made from it, and the lifecycle of its models.
-Knows nothing of HTTP."""
+"""One model server: a repository, the catalog made from it, the lifecycle of its models, and
+the operator's decisions about them. Knows nothing of HTTP."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import re
+import secrets
+import time
 from pathlib import Path
 
 from multiserve.backends import BackendRegistry
-from multiserve.catalog import Catalog
+from multiserve.catalog import LATEST, VersionRecord
 from multiserve.concurrency import run_sync, set_worker_threads
-from multiserve.errors import SettingsError
-from multiserve.lifecycle import Lifecycle
+from multiserve.errors import (
+    Conflict,
+    InvalidInput,
+    MultiserveError,
+    SettingsError,
+    StateNotSaved,
+    VersionNotFound,
+)
+from multiserve.lifecycle import Lifecycle, LoadedEntry
+from multiserve.repository.layout import is_valid_name, parse_version
 from multiserve.repository.local import LocalRepository
 from multiserve.settings import Settings
+from multiserve.state import OperatorState, StateStore
 
 logger = logging.getLogger("multiserve.server")
+
+_RESERVED_LABELS = {LATEST, "predict", "labels"}
+_DIGITS = re.compile(r"[0-9]+")
 
 
 class ModelServer:
@@ -28,9 +44,28 @@ class ModelServer:
         self.settings = settings
         self.registry = registry if registry is not None else BackendRegistry()
         self.repository = LocalRepository(root, self.registry)
-        self.lifecycle = Lifecycle(self.registry, settings.device)
+        self.lifecycle = Lifecycle(
+            self.registry,
+            default_device=settings.device,
+            max_models=settings.max_models,
+            max_memory=settings.max_memory,
+            settle_window_s=settings.settle_window_s,
+            version_policy=settings.version_policy,
+            warmup=settings.warmup,
+        )
+        state_dir = (
+            Path(settings.state_dir).expanduser() if settings.state_dir else root / ".multiserve"
+        )
+        self.store = StateStore(state_dir)
+        self.operator_state = OperatorState()
+        self.admin_token = settings.admin_token or secrets.token_urlsafe(24)
+        self._generated_token = not settings.admin_token
         self._scanned = asyncio.Event()
-        self._scan_task: asyncio.Task[None] | None = None
+        self._changed = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._state_lock = asyncio.Lock()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.scans = 0
         self.not_ready_reason: str | None = "the model repository is being scanned"
 
     @property
@@ -39,33 +74,151 @@ class ModelServer:
 
     async def start(self) -> None:
         set_worker_threads(self.settings.worker_threads)
-        # Scanning runs in the background so that probes answer while a large repository is read.
-        self._scan_task = asyncio.create_task(self._scan())
-
-    async def _scan(self) -> None:
-        try:
-            records = await run_sync(self.repository.scan)
-        except (
-            Exception
-        ) as exc:  # the scan skips bad entries itself; this is a bug or an OS failure
-            logger.exception("scanning %s failed", self.repository.root)
-            self.not_ready_reason = f"scanning the model repository failed: {exc}"
-        else:
-            self.lifecycle.publish(Catalog.from_records(records))
-            self.not_ready_reason = None
-            logger.info(
-                "repository %s: %d models, %d versions",
-                self.repository.root,
-                len(self.lifecycle.catalog.models),
-                len(records),
+        if self._generated_token:
+            logger.warning(
+                "admin token (generated; set MULTISERVE_ADMIN_TOKEN to choose one): %s",
+                self.admin_token,
             )
-        finally:
-            self._scanned.set()
+        self.operator_state = await run_sync(self.store.load)
+        for key in self.operator_state.pins:
+            self.lifecycle.cache.pin(key)
+        self.lifecycle.labels = {n: dict(t) for n, t in self.operator_state.labels.items()}
+        # Scanning runs in the background so that probes answer while a large repository is read.
+        self._tasks.append(asyncio.create_task(self._discover()))
+        if self.settings.watch:
+            self._tasks.append(asyncio.create_task(self._watch()))
+
+    async def _discover(self) -> None:
+        """Scan, publish, and scan again on every change (or when a settling version is due)."""
+        while not self._stop.is_set():
+            self._changed.clear()
+            try:
+                records = await run_sync(self.repository.scan)
+            except Exception as exc:  # the scan skips bad entries itself: an OS failure or a bug
+                logger.exception("scanning %s failed", self.repository.root)
+                self.not_ready_reason = f"scanning the model repository failed: {exc}"
+                self._scanned.set()
+                await asyncio.sleep(1.0)
+                continue
+            due = self.lifecycle.reconcile(records, time.time())
+            self.scans += 1
+            if not self._scanned.is_set():
+                self.not_ready_reason = None
+                self._scanned.set()
+                logger.info(
+                    "repository %s: %d models, %d versions",
+                    self.repository.root,
+                    len(self.lifecycle.catalog.models),
+                    len(records),
+                )
+                self._tasks.append(asyncio.create_task(self._load_pinned()))
+            if not self.settings.watch and due is None:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), due)
+
+    async def _watch(self) -> None:
+        while not self._stop.is_set():
+            try:
+                async for _ in self.repository.changes(self._stop):
+                    self._changed.set()
+            except Exception:
+                logger.exception("watching %s failed; retrying in 1 s", self.repository.root)
+                await asyncio.sleep(1.0)
+
+    async def _load_pinned(self) -> None:
+        for name, version in sorted(self.operator_state.pins):
+            try:
+                await self.lifecycle.acquire(name, str(version))
+            except MultiserveError as exc:
+                logger.error("pinned %s version %d did not load: %s", name, version, exc.message)
 
     async def wait_scanned(self) -> None:
         await self._scanned.wait()
 
     async def stop(self) -> None:
-        if self._scan_task is not None and not self._scan_task.done():
-            self._scan_task.cancel()
+        self._stop.set()
+        self._changed.set()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.lifecycle.close_all()
+
+    # --- operator actions -----------------------------------------------------------------
+
+    async def load(self, name: str, selector: str) -> LoadedEntry:
+        await self.wait_scanned()
+        return await self.lifecycle.acquire(name, selector)
+
+    async def evict(self, name: str, selector: str) -> VersionRecord:
+        await self.wait_scanned()
+        record = self.lifecycle.resolve(name, selector)[0]
+        if self.lifecycle.cache.is_pinned(record.key):
+            raise Conflict(f"{name} version {record.version} is pinned: unpin it first")
+        await self.lifecycle.evict(record.key)
+        return record
+
+    async def pin(self, name: str, selector: str) -> LoadedEntry:
+        """Pin a version: load it if needed and exempt it from eviction, across restarts."""
+        await self.wait_scanned()
+        async with self._state_lock:
+            record = self.lifecycle.resolve(name, selector)[0]
+            cache = self.lifecycle.cache
+            # Pinned before it loads, so that nothing evicts it between the load and the pin.
+            was_pinned = cache.is_pinned(record.key)
+            cache.pin(record.key)
+            try:
+                entry = await self.lifecycle.acquire(name, str(record.version))
+                await self._save(self.operator_state.with_pin(record.key, True))
+            except BaseException:
+                if not was_pinned:
+                    cache.unpin(record.key)
+                raise
+            return entry
+
+    async def unpin(self, name: str, selector: str) -> VersionRecord:
+        await self.wait_scanned()
+        async with self._state_lock:
+            record = self.lifecycle.resolve(name, selector)[0]
+            await self._save(self.operator_state.with_pin(record.key, False))
+            self.lifecycle.cache.unpin(record.key)
+            return record
+
+    async def set_label(self, name: str, label: str, version: str) -> None:
+        await self.wait_scanned()
+        _check_label(label)
+        number = parse_version(version)
+        model = self.lifecycle.catalog.model(name)
+        if number is None or number not in model.versions:
+            raise VersionNotFound(
+                f"model {name!r} has no version {version!r}; versions: "
+                + ", ".join(str(v) for v in model.versions)
+            )
+        async with self._state_lock:
+            await self._save(self.operator_state.with_label(name, label, number))
+            self.lifecycle.labels.setdefault(name, {})[label] = number
+
+    async def delete_label(self, name: str, label: str) -> None:
+        await self.wait_scanned()
+        async with self._state_lock:
+            if label not in self.lifecycle.labels.get(name, {}):
+                raise VersionNotFound(f"model {name!r} has no label {label!r}")
+            await self._save(self.operator_state.with_label(name, label, None))
+            del self.lifecycle.labels[name][label]
+
+    async def _save(self, state: OperatorState) -> None:
+        try:
+            await run_sync(self.store.save, state)
+        except OSError as exc:
+            raise StateNotSaved(
+                f"could not save the operator state to {self.store.path}: {exc}; nothing changed"
+            ) from exc
+        self.operator_state = state
+
+
+def _check_label(label: str) -> None:
+    if not is_valid_name(label) or label in _RESERVED_LABELS or _DIGITS.fullmatch(label):
+        raise InvalidInput(
+            f"invalid label {label!r}: labels match [A-Za-z0-9][A-Za-z0-9_.-]{{0,127}}, are "
+            "not all digits, and are not 'latest' or 'predict'"
+        )

@@ -134,6 +134,43 @@ class Settings:
     device: str = _setting(
         "cpu", _device, "Device for models whose config.toml names none: cpu, cuda or cuda:N."
     )
+    max_models: int = _setting(
+        0,
+        _int_in(0, 1_000_000),
+        "Most models loaded at once; the least recently used unpinned "
+        "one is evicted to load another. 0: no bound.",
+    )
+    max_memory: int = _setting(
+        0,
+        parse_size,
+        "Most bytes of loaded models (e.g. '2GiB'); the least recently used "
+        "unpinned ones are evicted to stay under it. 0: no bound.",
+    )
+    watch: bool = _setting(
+        True, _bool, "Watch the repository and pick up new, changed and deleted versions live."
+    )
+    settle_window_s: float = _setting(
+        1.0,
+        _positive_float,
+        "A version loads once its files have not changed for this long "
+        "(or at once when its READY marker file exists).",
+    )
+    version_policy: str = _setting(
+        "latest",
+        _choice("latest", "all"),
+        "After a swap: 'latest' unloads older versions "
+        "(unless pinned or labelled); 'all' leaves them to the LRU. A model's config.toml may "
+        "set its own.",
+    )
+    warmup: bool = _setting(
+        True, _bool, "Run one inference on each model after loading it, before it serves."
+    )
+    admin_token: str = _setting(
+        "", _text, "Bearer token for /admin. Empty: one is generated at start and logged once."
+    )
+    state_dir: str = _setting(
+        "", _text, "Where pins and labels are saved. Empty: <models>/.multiserve."
+    )
     access_log: bool = _setting(False, _bool, "Log one line per request.")
     shutdown_timeout_s: float = _setting(
         30.0, _positive_float, "Seconds to let running requests finish on SIGTERM."

@@ -76,6 +76,7 @@ class RunningServer:
 
 
 StartServer = Callable[..., RunningServer]
+ADMIN_TOKEN = "test-admin-token"
 
 
 @pytest.fixture
@@ -88,6 +89,8 @@ def start_server() -> Iterator[StartServer]:
     ) -> RunningServer:
         if registry is None:
             registry = BackendRegistry()
+        # Tests write their models just before starting; lifecycle tests set their own window.
+        settings = {"settle_window_s": 0, "admin_token": ADMIN_TOKEN, **settings}
         loaded = Settings.load(environ={}, overrides={"models": str(models), **settings})
         server = RunningServer(loaded, registry).start()
         servers.append(server)

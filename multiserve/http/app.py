@@ -5,6 +5,7 @@ from contextlib import asynccontextmanager
 
 from starlette.applications import Starlette
 
+from multiserve.http import admin
 from multiserve.http.errors import HANDLERS
 from multiserve.http.routes import ROUTES
 from multiserve.server import ModelServer
@@ -19,6 +20,8 @@ def create_app(server: ModelServer) -> Starlette:
         finally:
             await server.stop()
 
-    app = Starlette(routes=ROUTES, exception_handlers=dict(HANDLERS), lifespan=lifespan)
+    app = Starlette(
+        routes=[*ROUTES, *admin.ROUTES], exception_handlers=dict(HANDLERS), lifespan=lifespan
+    )
     app.state.server = server
     return app

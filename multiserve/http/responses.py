@@ -22,4 +22,4 @@ def error_response(
 
 
 def from_error(exc: MultiserveError) -> ORJSONResponse:
-    return error_response(exc.code, exc.message, exc.status_code)
+    return error_response(exc.code, exc.message, exc.status_code, exc.headers)

@@ -11,7 +11,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from multiserve import codecs
-from multiserve.catalog import LATEST, ModelRecord, VersionRecord
+from multiserve.catalog import LATEST, ModelRecord
 from multiserve.concurrency import run_sync
 from multiserve.errors import (
     MalformedRequest,
@@ -68,7 +68,7 @@ async def get_version(request: Request) -> Response:
     server = _server(request)
     await server.wait_scanned()
     async with server.lifecycle.lease(request.path_params["name"], selector) as lease:
-        return ORJSONResponse(_describe_version(server.lifecycle, lease.record))
+        return ORJSONResponse(server.lifecycle.describe(lease.record))
 
 
 async def predict(request: Request) -> Response:
@@ -143,31 +143,13 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _describe_version(lifecycle: Lifecycle, record: VersionRecord) -> dict[str, Any]:
-    state, error = lifecycle.state(record)
-    described: dict[str, Any] = {
-        "name": record.name,
-        "version": str(record.version),
-        "state": state.value,
-        "backend": record.backend,
-        "artifact": record.artifact,
-    }
-    if error is not None:
-        described["error"] = error
-    entry = lifecycle.cache.peek(record.key)
-    if entry is not None:
-        described["memory_bytes"] = entry.memory_bytes
-        described["load_seconds"] = round(entry.load_seconds, 6)
-        described.update(entry.model.metadata.to_json())
-    return described
-
-
 def _describe_model(lifecycle: Lifecycle, model: ModelRecord) -> dict[str, Any]:
     latest = lifecycle.latest(model.name)
     return {
         "name": model.name,
         "latest": str(latest.version) if latest is not None else None,
-        "versions": [_describe_version(lifecycle, record) for record in model.descending()],
+        "labels": {k: str(v) for k, v in sorted(lifecycle.labels.get(model.name, {}).items())},
+        "versions": [lifecycle.describe(record) for record in model.descending()],
     }
 
 

@@ -13,6 +13,9 @@ _NAME = re.compile(NAME_PATTERN)
 _VERSION = re.compile(r"[1-9][0-9]{0,17}")
 
 CONFIG_FILE = "config.toml"
+# A writer may drop this file into a version directory once every other file is complete;
+# the version is then loadable at once instead of after the settle window.
+MARKER_FILE = "READY"
 
 
 def is_valid_name(text: str) -> bool:

@@ -1,70 +1,112 @@
-"""A model repository in a local directory, scanned into catalog records."""
+"""A model repository in a local directory: scanned into catalog records, and watched."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import hashlib
 import logging
+import os
 import tomllib
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from watchfiles import awatch
+
 from multiserve.backends import BackendRegistry
 from multiserve.catalog import VersionRecord
-from multiserve.repository.layout import CONFIG_FILE, is_valid_name, merge_config, parse_version
+from multiserve.repository.layout import (
+    CONFIG_FILE,
+    MARKER_FILE,
+    is_valid_name,
+    merge_config,
+    parse_version,
+)
 
 logger = logging.getLogger("multiserve.repository")
+
+# config.toml keys the core reads; the rest go to the backend.
+_CORE_KEYS = ("backend", "version_policy", "warmup")
 
 
 class LocalRepository:
     def __init__(self, root: Path, registry: BackendRegistry) -> None:
         self.root = root
         self.registry = registry
+        self._warned: set[str] = set()
 
     def scan(self) -> list[VersionRecord]:
         """Every version directory under the root. Anything that is not a model or a version is
-        skipped with one warning; nothing in the folder can make the scan raise."""
+        skipped with one warning (once per path, however often it is scanned); nothing in the
+        folder can make the scan raise."""
         records: list[VersionRecord] = []
-        for model_dir in _sorted_dirs(self.root):
+        warnings: dict[str, str] = {}
+        for model_dir in self._dirs(self.root, warnings):
             if not is_valid_name(model_dir.name):
-                _skip(model_dir, "not a valid model name ([A-Za-z0-9][A-Za-z0-9_.-]{0,127})")
+                warnings[str(model_dir)] = (
+                    "not a valid model name ([A-Za-z0-9][A-Za-z0-9_.-]{0,127})"
+                )
                 continue
             model_config, model_problem = _read_config(model_dir / CONFIG_FILE)
-            for version_dir in _sorted_dirs(model_dir):
+            for version_dir in self._dirs(model_dir, warnings):
                 version = parse_version(version_dir.name)
                 if version is None:
-                    _skip(version_dir, "not a version (a positive integer without leading zeros)")
+                    warnings[str(version_dir)] = (
+                        "not a version (a positive integer without leading zeros)"
+                    )
                     continue
-                record = self._scan_version(model_dir.name, version, version_dir, model_config)
+                record = self._scan_version(
+                    model_dir.name, version, version_dir, model_config, warnings
+                )
                 if record is not None:
                     if model_problem and record.problem is None:
                         record = dataclasses.replace(record, problem=model_problem)
                     records.append(record)
+        for path, why in warnings.items():
+            if path not in self._warned:
+                logger.warning("skipping %s: %s", path, why)
+        self._warned = set(warnings)
         return records
 
     def _scan_version(
-        self, name: str, version: int, version_dir: Path, model_config: dict[str, Any]
+        self,
+        name: str,
+        version: int,
+        version_dir: Path,
+        model_config: dict[str, Any],
+        warnings: dict[str, str],
     ) -> VersionRecord | None:
+        files = _files(version_dir)
+        if files is None:
+            warnings[str(version_dir)] = "cannot be listed"
+            return None
         version_config, problem = _read_config(version_dir / CONFIG_FILE)
         options = merge_config(model_config, version_config)
-        declared = options.pop("backend", None)
-        try:
-            filenames = [p.name for p in version_dir.iterdir() if p.is_file()]
-        except OSError as exc:
-            _skip(version_dir, f"cannot be listed: {exc.strerror}")
-            return None
-
+        core = {key: options.pop(key) for key in _CORE_KEYS if key in options}
+        declared = core.get("backend")
         backend = str(declared) if declared is not None else None
         artifact: str | None = None
         if backend is None:
             try:
-                found = self.registry.detect(version_dir, filenames)
+                found = self.registry.detect(version_dir, [p.name for p, _ in files])
             except ValueError as exc:
                 found, problem = None, problem or str(exc)
             if found is not None:
                 backend, artifact = found
+            elif problem is None and not files:
+                return None  # an empty directory: a copy that has not started yet
             elif problem is None:
-                _skip(version_dir, "holds no model artifact (model.onnx, model.pt, model.pt2)")
+                warnings[str(version_dir)] = (
+                    "holds no model artifact (model.onnx, model.pt, model.pt2)"
+                )
                 return None
+        policy = core.get("version_policy")
+        if policy is not None and policy not in ("latest", "all"):
+            problem = problem or f"version_policy must be 'latest' or 'all', not {policy!r}"
+        warmup = core.get("warmup")
+        if warmup is not None and not isinstance(warmup, bool):
+            problem = problem or f"warmup must be true or false, not {warmup!r}"
         return VersionRecord(
             name=name,
             version=version,
@@ -73,24 +115,74 @@ class LocalRepository:
             artifact=artifact or None,
             options=options,
             problem=problem,
+            fingerprint=_fingerprint(files),
+            changed_at=max((_changed(stat) for _, stat in files), default=0.0),
+            marker=any(p.name == MARKER_FILE for p, _ in files),
+            size_bytes=sum(stat.st_size for _, stat in files),
+            version_policy=policy if isinstance(policy, str) else None,
+            warmup=warmup if isinstance(warmup, bool) else None,
         )
 
+    def _dirs(self, parent: Path, warnings: dict[str, str]) -> list[Path]:
+        try:
+            children = sorted(parent.iterdir())
+        except OSError as exc:
+            warnings[str(parent)] = f"cannot be listed: {exc.strerror}"
+            return []
+        dirs = []
+        for child in children:
+            if child.name.startswith(".") or child.name == CONFIG_FILE:
+                continue
+            try:
+                is_dir = child.is_dir()
+            except OSError:
+                is_dir = False
+            if is_dir:
+                dirs.append(child)
+            else:
+                warnings[str(child)] = "not a directory"
+        return dirs
 
-def _sorted_dirs(parent: Path) -> list[Path]:
+    async def changes(self, stop: asyncio.Event) -> AsyncIterator[None]:
+        """Yields after each batch of file-system events under the root, until ``stop``."""
+
+        def relevant(change: object, path: str) -> bool:
+            # The state directory and other dot-directories at the top are not models.
+            relative = os.path.relpath(path, self.root)
+            return not relative.startswith(".")
+
+        async for _ in awatch(
+            self.root, watch_filter=relevant, stop_event=stop, debounce=50, step=20
+        ):
+            yield
+
+
+def _files(version_dir: Path) -> list[tuple[Path, os.stat_result]] | None:
+    """Every file under the version directory, with its stat, recursively."""
+    found: list[tuple[Path, os.stat_result]] = []
     try:
-        children = sorted(parent.iterdir())
-    except OSError as exc:
-        logger.warning("cannot list %s: %s", parent, exc.strerror)
-        return []
-    dirs = []
-    for child in children:
-        if child.name.startswith(".") or child.name == CONFIG_FILE:
-            continue
-        if child.is_dir():
-            dirs.append(child)
-        else:
-            _skip(child, "not a directory")
-    return dirs
+        for dirpath, _, filenames in os.walk(version_dir):
+            for filename in filenames:
+                path = Path(dirpath) / filename
+                try:
+                    found.append((path, path.stat()))
+                except FileNotFoundError:
+                    continue  # removed while we looked
+    except OSError:
+        return None
+    return found
+
+
+def _changed(stat: os.stat_result) -> float:
+    # ctime moves on every write and rename and cannot be set back by a copy tool.
+    return max(stat.st_mtime, stat.st_ctime)
+
+
+def _fingerprint(files: list[tuple[Path, os.stat_result]]) -> str:
+    digest = hashlib.blake2b(digest_size=12)
+    for path, stat in sorted(files):
+        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\0{stat.st_ino}\n".encode())
+    return digest.hexdigest()
 
 
 def _read_config(path: Path) -> tuple[dict[str, Any], str | None]:
@@ -102,7 +194,3 @@ def _read_config(path: Path) -> tuple[dict[str, Any], str | None]:
         return {}, f"{path.name} cannot be read: {exc}"
     except tomllib.TOMLDecodeError as exc:
         return {}, f"{path} is not valid TOML: {exc}"
-
-
-def _skip(path: Path, why: str) -> None:
-    logger.warning("skipping %s: %s", path, why)
