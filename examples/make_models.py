@@ -87,6 +87,34 @@ def write_counter_onnx(path: Path) -> Path:
     return _save(graph, path)
 
 
+def scaled_onnx_bytes(factor: float, padding_bytes: int = 0) -> bytes:
+    """``x`` float32 [batch, 4] -> ``y = x * factor``: which version answered is in the answer.
+    ``padding_bytes`` of weights that the graph carries but does not use make the file large
+    enough for a copy of it to take a while."""
+    # padding[0] is 0: adding its first element leaves y exact while the weights stay in use.
+    padding = np.zeros(max(padding_bytes // 4, 1), dtype=np.float32)
+    initializers = [
+        numpy_helper.from_array(np.array(factor, dtype=np.float32), "factor"),
+        numpy_helper.from_array(padding, "padding"),
+        numpy_helper.from_array(np.array([0], dtype=np.int64), "start"),
+        numpy_helper.from_array(np.array([1], dtype=np.int64), "end"),
+    ]
+    graph = helper.make_graph(
+        [
+            helper.make_node("Mul", ["x", "factor"], ["scaled"]),
+            helper.make_node("Slice", ["padding", "start", "end"], ["zero"]),
+            helper.make_node("Add", ["scaled", "zero"], ["y"]),
+        ],
+        "scaled",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+        initializer=initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 8
+    return bytes(model.SerializeToString())
+
+
 def _save(graph: onnx.GraphProto, path: Path) -> Path:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
     model.ir_version = 8
