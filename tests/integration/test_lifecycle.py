@@ -3,6 +3,7 @@ the server runs and clients keep predicting."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import shutil
 import statistics
@@ -37,6 +38,10 @@ def served_version(client: httpx.Client, model: str = "m") -> str:
     response = client.post(f"/models/{model}/predict", json={"inputs": X})
     assert response.status_code == 200, response.text
     return str(response.json()["model_version"])
+
+
+def serves_version(client: httpx.Client, version: str) -> bool:
+    return served_version(client) == version
 
 
 def copy_slowly(data: bytes, target: Path, chunks: int = 8, pause: float = 0.05) -> None:
@@ -99,10 +104,8 @@ def test_hot_swap_under_load_fails_no_request(start_server: StartServer, scaled_
             for number in range(2, 9):
                 data = scaled_onnx_bytes(float(number), 256 * 1024)
                 copy_slowly(data, scaled_repo / "m" / str(number) / "model.onnx")
-                expected = str(number)
-                delays.append(
-                    wait_for(lambda: served_version(probe) == expected, 10, f"version {number}")
-                )
+                serves = functools.partial(serves_version, probe, str(number))
+                delays.append(wait_for(serves, 10, f"version {number}"))
     finally:
         stop.set()
         for thread in clients:
