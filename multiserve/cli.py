@@ -55,6 +55,8 @@ def serve(settings: Settings) -> int:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # watchfiles logs every batch of events at INFO; the lifecycle logs what they changed.
+    logging.getLogger("watchfiles").setLevel(max(logging.WARNING, logging.getLogger().level))
     uvicorn.run(
         create_app(server),
         host=settings.host,

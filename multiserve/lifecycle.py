@@ -93,7 +93,8 @@ class Lifecycle:
         self.cache: ModelCache[Key, LoadedEntry] = ModelCache(max_models, max_memory)
         self.labels: dict[str, dict[str, int]] = {}
         self._loads: dict[Ident, asyncio.Future[LoadedEntry]] = {}
-        self._failures: dict[Ident, str] = {}
+        # Why a set of files cannot serve: kept until the files change.
+        self._failures: dict[Ident, ModelLoadFailed | ModelTooLarge] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._promotions: dict[Ident, asyncio.Task[None]] = {}
         self._closing: set[asyncio.Task[None]] = set()
@@ -185,12 +186,13 @@ class Lifecycle:
         if record.problem is not None:
             return VersionState.FAILED, record.problem
         failure = self._failures.get(record.ident)
+        error = None if failure is None else failure.message
         if record.key in self.cache:
-            return VersionState.READY, failure
+            return VersionState.READY, error
         if record.ident in self._loads:
             return VersionState.LOADING, None
         if failure is not None:
-            return VersionState.FAILED, failure
+            return VersionState.FAILED, error
         if not record.settled:
             return VersionState.SETTLING, None
         return VersionState.AVAILABLE, None
@@ -280,7 +282,7 @@ class Lifecycle:
             raise ModelLoadFailed(record.problem)
         failure = self._failures.get(record.ident)
         if failure is not None:
-            raise ModelLoadFailed(failure)
+            raise type(failure)(failure.message)
         if not record.settled:
             raise VersionSettling(
                 f"{record.name} version {record.version} is still being written (settling)"
@@ -310,7 +312,7 @@ class Lifecycle:
                 try:
                     model, nbytes = await run_sync(self._load_blocking, record)
                 except ModelLoadFailed as exc:
-                    self._failures[record.ident] = exc.message
+                    self._failures[record.ident] = exc
                     self.load_failures += 1
                     logger.error("%s", exc.message)
                     raise
@@ -318,9 +320,12 @@ class Lifecycle:
                 entry = LoadedEntry(record, model, nbytes, seconds)
                 try:
                     self._admit(entry, what)
-                except MultiserveError:
+                except MultiserveError as exc:
                     entry.retiring = True
                     self._close_when_idle(entry)
+                    if isinstance(exc, ModelTooLarge) and nbytes > self.cache.max_bytes > 0:
+                        # Larger than the whole budget: retrying could only fail the same way.
+                        self._failures[record.ident] = exc
                     raise
         finally:
             del self._loads[record.ident]
