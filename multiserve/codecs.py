@@ -105,12 +105,13 @@ def _to_array(value: object, spec: TensorSpec) -> Array:
     return array if target.kind == "U" else array.astype(target, copy=False)
 
 
+def dumps(value: Any) -> bytes:
+    """The one JSON encoder: numpy arrays and scalars included."""
+    return orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY, default=_json_default)
+
+
 def encode_json(name: str, version: int, outputs: Mapping[str, Array]) -> bytes:
-    return orjson.dumps(
-        {"model_name": name, "model_version": str(version), "outputs": outputs},
-        option=orjson.OPT_SERIALIZE_NUMPY,
-        default=_json_default,
-    )
+    return dumps({"model_name": name, "model_version": str(version), "outputs": outputs})
 
 
 def encode_npy(outputs: Mapping[str, Array], output: str | None) -> bytes:

@@ -18,7 +18,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -31,6 +31,7 @@ from multiserve.errors import (
     ModelLoadFailed,
     ModelTooLarge,
     MultiserveError,
+    PredictionFailed,
     VersionNotFound,
     VersionSettling,
 )
@@ -64,12 +65,60 @@ class LoadedEntry:
     closed: bool = False
 
 
+class LifecycleObserver(Protocol):
+    """Told of every load, failed load, eviction and swap (metrics implement it)."""
+
+    def loaded(self, model: str, seconds: float) -> None: ...
+
+    def load_failed(self, model: str) -> None: ...
+
+    def evicted(self, model: str, reason: str) -> None: ...
+
+    def swapped(self, model: str) -> None: ...
+
+    def inferred(self, model: str, version: int, seconds: float) -> None: ...
+
+
+class _Unobserved:
+    def loaded(self, model: str, seconds: float) -> None:
+        pass
+
+    def load_failed(self, model: str) -> None:
+        pass
+
+    def evicted(self, model: str, reason: str) -> None:
+        pass
+
+    def swapped(self, model: str) -> None:
+        pass
+
+    def inferred(self, model: str, version: int, seconds: float) -> None:
+        pass
+
+
 @dataclass(frozen=True, slots=True)
 class Lease:
     """A loaded model held for the duration of one request."""
 
     record: VersionRecord
     model: LoadedModel
+    observer: LifecycleObserver
+
+    def predict(self, inputs: Mapping[str, Array]) -> dict[str, Array]:
+        """Run the model (blocking: call it in a worker thread). An exception inside the model
+        becomes PredictionFailed (500); the model stays loaded and keeps serving."""
+        record = self.record
+        started = time.perf_counter()
+        try:
+            outputs = self.model.predict(inputs)
+        except Exception as exc:
+            logger.exception("%s version %d raised during predict", record.name, record.version)
+            raise PredictionFailed(
+                f"{record.name} version {record.version}: the model raised "
+                f"{type(exc).__name__}: {exc}"
+            ) from None
+        self.observer.inferred(record.name, record.version, time.perf_counter() - started)
+        return {name: np.asarray(value) for name, value in outputs.items()}
 
 
 class Lifecycle:
@@ -83,8 +132,10 @@ class Lifecycle:
         settle_window_s: float = 1.0,
         version_policy: str = "latest",
         warmup: bool = True,
+        observer: LifecycleObserver | None = None,
     ) -> None:
         self.registry = registry
+        self.observer: LifecycleObserver = observer if observer is not None else _Unobserved()
         self.default_device = default_device
         self.settle_window_s = settle_window_s
         self.version_policy = version_policy
@@ -135,7 +186,7 @@ class Lifecycle:
         for key, entry in self.cache.items():
             if self.catalog.find(key) is None:
                 logger.info("%s version %d was removed: retiring it", key[0], key[1])
-                self._retire(entry)
+                self._retire(entry, "removed")
         for record in published:
             if record.staged and record.ident not in self._promotions:
                 self._promotions[record.ident] = asyncio.create_task(self._promote(record))
@@ -163,6 +214,7 @@ class Lifecycle:
         self.catalog = self.catalog.with_record(dataclasses.replace(current, staged=False))
         if loaded:
             self.swaps += 1
+            self.observer.swapped(record.name)
             logger.info("%s now serves version %d", record.name, record.version)
             self._apply_version_policy(record)
 
@@ -177,7 +229,7 @@ class Lifecycle:
                 and not self.cache.is_pinned(key)
                 and key[1] not in labelled
             ):
-                self._retire(entry)
+                self._retire(entry, "version_policy")
 
     # --- what requests see ----------------------------------------------------------------
 
@@ -246,7 +298,7 @@ class Lifecycle:
         entry = await self.acquire(name, selector)
         entry.in_flight += 1
         try:
-            yield Lease(entry.record, entry.model)
+            yield Lease(entry.record, entry.model, self.observer)
         finally:
             self._release(entry)
 
@@ -306,14 +358,17 @@ class Lifecycle:
         lock = self._locks.setdefault(record.name, asyncio.Lock())
         try:
             async with lock:
-                # Make room for what its files weigh before loading, not after.
-                self._make_room(record.key, record.size_bytes, what)
+                # Refuse early what cannot fit by its files' size. Nothing is evicted until the
+                # load succeeded and its real cost is known: evicting first would lose models
+                # for a version that then fails, or proves larger than the whole budget.
+                self._victims(record.key, record.size_bytes, what)
                 started = time.perf_counter()
                 try:
                     model, nbytes = await run_sync(self._load_blocking, record)
                 except ModelLoadFailed as exc:
                     self._failures[record.ident] = exc
                     self.load_failures += 1
+                    self.observer.load_failed(record.name)
                     logger.error("%s", exc.message)
                     raise
                 seconds = time.perf_counter() - started
@@ -330,20 +385,22 @@ class Lifecycle:
         finally:
             del self._loads[record.ident]
         self.loads += 1
+        self.observer.loaded(record.name, seconds)
         logger.info("loaded %s (%s, %d bytes) in %.3f s", what, record.backend, nbytes, seconds)
         return entry
 
-    def _make_room(self, key: Key, nbytes: int, what: str) -> None:
+    def _victims(self, key: Key, nbytes: int, what: str) -> list[Key]:
         try:
-            victims = self.cache.victims(key, nbytes)
+            return self.cache.victims(key, nbytes)
         except CacheFull as exc:
             raise ModelTooLarge(f"{what} does not fit the cache: {exc}") from None
-        for victim in victims:
+
+    def _make_room(self, key: Key, nbytes: int, what: str) -> None:
+        for victim in self._victims(key, nbytes, what):
             entry = self.cache.peek(victim)
             if entry is not None:
                 logger.info("evicting %s version %d (least recently used)", *victim)
-                self.evictions += 1
-                self._retire(entry)
+                self._retire(entry, "lru")
 
     def _admit(self, entry: LoadedEntry, what: str) -> None:
         record = entry.record
@@ -354,6 +411,7 @@ class Lifecycle:
         replaced = self.cache.peek(record.key)
         self.cache.put(record.key, entry, entry.memory_bytes)
         if replaced is not None:
+            self._count_eviction(replaced, "replaced")
             self._retire_entry(replaced)
 
     def _load_blocking(self, record: VersionRecord) -> tuple[LoadedModel, int]:
@@ -391,11 +449,17 @@ class Lifecycle:
 
     # --- retiring and closing -------------------------------------------------------------
 
-    def _retire(self, entry: LoadedEntry) -> None:
+    def _retire(self, entry: LoadedEntry, reason: str) -> None:
         """Take the entry out of the cache now; close it after its last running request."""
         if self.cache.peek(entry.record.key) is entry:
             self.cache.remove(entry.record.key)
+            self._count_eviction(entry, reason)
         self._retire_entry(entry)
+
+    def _count_eviction(self, entry: LoadedEntry, reason: str) -> None:
+        if reason != "shutdown":
+            self.evictions += 1
+            self.observer.evicted(entry.record.name, reason)
 
     def _retire_entry(self, entry: LoadedEntry) -> None:
         if entry.retiring:
@@ -420,15 +484,14 @@ class Lifecycle:
         entry = self.cache.peek(key)
         if entry is None:
             return False
-        self.evictions += 1
-        self._retire(entry)
+        self._retire(entry, "admin")
         return True
 
     async def close_all(self) -> None:
         for task in list(self._promotions.values()):
             task.cancel()
         for _, entry in self.cache.items():
-            self._retire(entry)
+            self._retire(entry, "shutdown")
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
 

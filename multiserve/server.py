@@ -23,6 +23,7 @@ from multiserve.errors import (
     VersionNotFound,
 )
 from multiserve.lifecycle import Lifecycle, LoadedEntry
+from multiserve.metrics import Metrics
 from multiserve.repository.layout import is_valid_name, parse_version
 from multiserve.repository.local import LocalRepository
 from multiserve.settings import Settings
@@ -44,6 +45,7 @@ class ModelServer:
         self.settings = settings
         self.registry = registry if registry is not None else BackendRegistry()
         self.repository = LocalRepository(root, self.registry)
+        self.metrics = Metrics()
         self.lifecycle = Lifecycle(
             self.registry,
             default_device=settings.device,
@@ -52,7 +54,9 @@ class ModelServer:
             settle_window_s=settings.settle_window_s,
             version_policy=settings.version_policy,
             warmup=settings.warmup,
+            observer=self.metrics,
         )
+        self.metrics.watch(self)
         state_dir = (
             Path(settings.state_dir).expanduser() if settings.state_dir else root / ".multiserve"
         )
@@ -65,7 +69,6 @@ class ModelServer:
         self._stop = asyncio.Event()
         self._state_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
-        self.scans = 0
         self.not_ready_reason: str | None = "the model repository is being scanned"
 
     @property
@@ -92,6 +95,7 @@ class ModelServer:
         """Scan, publish, and scan again on every change (or when a settling version is due)."""
         while not self._stop.is_set():
             self._changed.clear()
+            started = time.perf_counter()
             try:
                 records = await run_sync(self.repository.scan)
             except Exception as exc:  # the scan skips bad entries itself: an OS failure or a bug
@@ -101,7 +105,8 @@ class ModelServer:
                 await asyncio.sleep(1.0)
                 continue
             due = self.lifecycle.reconcile(records, time.time())
-            self.scans += 1
+            self.metrics.scans.inc()
+            self.metrics.scan_duration.observe(time.perf_counter() - started)
             if not self._scanned.is_set():
                 self.not_ready_reason = None
                 self._scanned.set()
@@ -121,6 +126,7 @@ class ModelServer:
         while not self._stop.is_set():
             try:
                 async for _ in self.repository.changes(self._stop):
+                    self.metrics.events.inc()
                     self._changed.set()
             except Exception:
                 logger.exception("watching %s failed; retrying in 1 s", self.repository.root)

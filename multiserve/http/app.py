@@ -4,10 +4,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 
-from multiserve.http import admin
+from multiserve.http import admin, v2
 from multiserve.http.errors import HANDLERS
 from multiserve.http.routes import ROUTES
+from multiserve.metrics import MetricsMiddleware
 from multiserve.server import ModelServer
 
 
@@ -21,7 +23,10 @@ def create_app(server: ModelServer) -> Starlette:
             await server.stop()
 
     app = Starlette(
-        routes=[*ROUTES, *admin.ROUTES], exception_handlers=dict(HANDLERS), lifespan=lifespan
+        routes=[*ROUTES, *admin.ROUTES, *v2.ROUTES],
+        exception_handlers=dict(HANDLERS),
+        middleware=[Middleware(MetricsMiddleware, metrics=server.metrics)],
+        lifespan=lifespan,
     )
     app.state.server = server
     return app

@@ -9,7 +9,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from multiserve.errors import MultiserveError
-from multiserve.http.responses import error_response, from_error
+from multiserve.http.responses import ORJSONResponse, error_response, from_error
 
 logger = logging.getLogger("multiserve.http")
 
@@ -29,8 +29,12 @@ async def on_http_exception(request: Request, exc: Exception) -> Response:
         message = f"method {request.method} is not allowed on {request.url.path}"
     else:
         message = exc.detail
-    code = _CODES.get(exc.status_code, "http_error")
-    return error_response(code, message, exc.status_code, dict(exc.headers or {}))
+    headers = dict(exc.headers or {})
+    if request.url.path.startswith("/v2"):  # the Open Inference Protocol's error shape
+        return ORJSONResponse({"error": message}, exc.status_code, headers)
+    return error_response(
+        _CODES.get(exc.status_code, "http_error"), message, exc.status_code, headers
+    )
 
 
 async def on_unexpected_error(request: Request, exc: Exception) -> Response:

@@ -2,9 +2,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
 from starlette.responses import Response
 
+from multiserve.codecs import dumps
 from multiserve.errors import MultiserveError
 
 
@@ -12,7 +12,7 @@ class ORJSONResponse(Response):
     media_type = "application/json"
 
     def render(self, content: Any) -> bytes:
-        return orjson.dumps(content)
+        return dumps(content)
 
 
 def error_response(

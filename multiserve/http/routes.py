@@ -5,8 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import numpy as np
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
@@ -14,14 +13,13 @@ from multiserve import codecs
 from multiserve.catalog import LATEST, ModelRecord
 from multiserve.concurrency import run_sync
 from multiserve.errors import (
-    MalformedRequest,
     MethodNotAllowed,
-    PayloadTooLarge,
-    PredictionFailed,
     UnsupportedMediaType,
 )
+from multiserve.http.body import check_length, read_body
 from multiserve.http.responses import ORJSONResponse
 from multiserve.lifecycle import Lease, Lifecycle
+from multiserve.metrics import CONTENT_TYPE
 from multiserve.server import ModelServer
 
 logger = logging.getLogger("multiserve.http")
@@ -30,6 +28,11 @@ logger = logging.getLogger("multiserve.http")
 def _server(request: Request) -> ModelServer:
     server: ModelServer = request.app.state.server
     return server
+
+
+async def metrics(request: Request) -> Response:
+    server = _server(request)
+    return Response(server.metrics.render(), media_type=CONTENT_TYPE)
 
 
 async def healthz(request: Request) -> Response:
@@ -75,13 +78,13 @@ async def predict(request: Request) -> Response:
     server = _server(request)
     limit = server.settings.max_request_bytes
     body_kind = _body_kind(request.headers.get("content-type", ""))
-    _check_length(request, limit)
+    check_length(request, limit)
     wants_npy = codecs.NPY in request.headers.get("accept", "")
     output = request.query_params.get("output")
     name = request.path_params["name"]
     await server.wait_scanned()
     async with server.lifecycle.lease(name, request.path_params.get("version", LATEST)) as lease:
-        body = await _read_body(request, limit)
+        body = await read_body(request, limit)
         content = await run_sync(_predict_blocking, lease, body, body_kind, wants_npy, output)
     return Response(
         content,
@@ -93,17 +96,8 @@ async def predict(request: Request) -> Response:
 def _predict_blocking(
     lease: Lease, body: bytes, body_kind: str, wants_npy: bool, output: str | None
 ) -> bytes:
-    metadata = lease.model.metadata
     decode = codecs.decode_npy if body_kind == codecs.NPY else codecs.decode_json
-    inputs = decode(body, metadata)
-    try:
-        outputs = {key: np.asarray(value) for key, value in lease.model.predict(inputs).items()}
-    except Exception as exc:
-        record = lease.record
-        logger.exception("%s version %d raised during predict", record.name, record.version)
-        raise PredictionFailed(
-            f"{record.name} version {record.version}: the model raised {type(exc).__name__}: {exc}"
-        ) from None
+    outputs = lease.predict(decode(body, lease.model.metadata))
     if wants_npy:
         return codecs.encode_npy(outputs, output)
     return codecs.encode_json(lease.record.name, lease.record.version, outputs)
@@ -123,26 +117,6 @@ def _body_kind(content_type: str) -> str:
     )
 
 
-def _check_length(request: Request, limit: int) -> None:
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > limit:
-        raise PayloadTooLarge(f"request body of {length} bytes is over the limit of {limit} bytes")
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    chunks = []
-    size = 0
-    try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
-            chunks.append(chunk)
-    except ClientDisconnect:
-        raise MalformedRequest("the client disconnected before sending the whole body") from None
-    return b"".join(chunks)
-
-
 def _describe_model(lifecycle: Lifecycle, model: ModelRecord) -> dict[str, Any]:
     latest = lifecycle.latest(model.name)
     return {
@@ -155,6 +129,7 @@ def _describe_model(lifecycle: Lifecycle, model: ModelRecord) -> dict[str, Any]:
 
 ROUTES = [
     Route("/healthz", healthz, methods=["GET"]),
+    Route("/metrics", metrics, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),
     Route("/models", list_models, methods=["GET"]),
     Route("/models/{name}", get_model, methods=["GET"]),
