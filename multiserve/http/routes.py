@@ -16,6 +16,7 @@ from multiserve.errors import (
     MethodNotAllowed,
     UnsupportedMediaType,
 )
+from multiserve.http import openapi
 from multiserve.http.body import check_length, read_body
 from multiserve.http.responses import ORJSONResponse
 from multiserve.lifecycle import Lease, Lifecycle
@@ -23,6 +24,7 @@ from multiserve.metrics import CONTENT_TYPE
 from multiserve.server import ModelServer
 
 logger = logging.getLogger("multiserve.http")
+_OPENAPI = codecs.dumps(openapi.build())
 
 
 def _server(request: Request) -> ModelServer:
@@ -33,6 +35,10 @@ def _server(request: Request) -> ModelServer:
 async def metrics(request: Request) -> Response:
     server = _server(request)
     return Response(server.metrics.render(), media_type=CONTENT_TYPE)
+
+
+async def openapi_document(request: Request) -> Response:
+    return Response(_OPENAPI, media_type=codecs.JSON)
 
 
 async def healthz(request: Request) -> Response:
@@ -130,6 +136,7 @@ def _describe_model(lifecycle: Lifecycle, model: ModelRecord) -> dict[str, Any]:
 ROUTES = [
     Route("/healthz", healthz, methods=["GET"]),
     Route("/metrics", metrics, methods=["GET"]),
+    Route("/openapi.json", openapi_document, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),
     Route("/models", list_models, methods=["GET"]),
     Route("/models/{name}", get_model, methods=["GET"]),
