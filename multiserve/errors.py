@@ -80,6 +80,12 @@ class ModelLoadFailed(MultiserveError):
     code = "model_load_failed"
 
 
+class DownloadFailed(ModelLoadFailed):
+    """Fetching a version from its bucket failed: transient, so the next request retries."""
+
+    code = "download_failed"
+
+
 class BackendNotInstalled(ModelLoadFailed):
     code = "backend_not_installed"
 

@@ -28,6 +28,7 @@ from multiserve.cache import CacheFull, ModelCache
 from multiserve.catalog import LATEST, Catalog, Ident, Key, VersionRecord
 from multiserve.concurrency import run_sync
 from multiserve.errors import (
+    DownloadFailed,
     ModelLoadFailed,
     ModelTooLarge,
     MultiserveError,
@@ -47,6 +48,7 @@ WARMUP_JSON = "warmup.json"
 class VersionState(StrEnum):
     SETTLING = "settling"  # files still being written; not a model yet
     AVAILABLE = "available"  # complete, not loaded; loads on its first request
+    DOWNLOADING = "downloading"  # fetching its files from a bucket into the disk cache
     LOADING = "loading"  # loading and warming up
     READY = "ready"
     FAILED = "failed"  # the error is kept and shown; other versions keep serving
@@ -77,6 +79,26 @@ class LifecycleObserver(Protocol):
     def swapped(self, model: str) -> None: ...
 
     def inferred(self, model: str, version: int, seconds: float) -> None: ...
+
+
+class VersionSource(Protocol):
+    """Where a version's files come from: a local directory, or a bucket via a disk cache."""
+
+    def materialize(self, record: VersionRecord) -> Path:
+        """The version's files on local disk (blocking: downloads if it has to)."""
+        ...
+
+    def progress(self, record: VersionRecord) -> tuple[int, int] | None:
+        """(bytes done, bytes in all) while the version downloads, else None."""
+        ...
+
+
+class _LocalFiles:
+    def materialize(self, record: VersionRecord) -> Path:
+        return record.path
+
+    def progress(self, record: VersionRecord) -> tuple[int, int] | None:
+        return None
 
 
 class _Unobserved:
@@ -133,9 +155,11 @@ class Lifecycle:
         version_policy: str = "latest",
         warmup: bool = True,
         observer: LifecycleObserver | None = None,
+        source: VersionSource | None = None,
     ) -> None:
         self.registry = registry
         self.observer: LifecycleObserver = observer if observer is not None else _Unobserved()
+        self.source: VersionSource = source if source is not None else _LocalFiles()
         self.default_device = default_device
         self.settle_window_s = settle_window_s
         self.version_policy = version_policy
@@ -242,6 +266,8 @@ class Lifecycle:
         if record.key in self.cache:
             return VersionState.READY, error
         if record.ident in self._loads:
+            if self.source.progress(record) is not None:
+                return VersionState.DOWNLOADING, None
             return VersionState.LOADING, None
         if failure is not None:
             return VersionState.FAILED, error
@@ -366,7 +392,8 @@ class Lifecycle:
                 try:
                     model, nbytes = await run_sync(self._load_blocking, record)
                 except ModelLoadFailed as exc:
-                    self._failures[record.ident] = exc
+                    if not isinstance(exc, DownloadFailed):  # an outage is no verdict on the files
+                        self._failures[record.ident] = exc
                     self.load_failures += 1
                     self.observer.load_failed(record.name)
                     logger.error("%s", exc.message)
@@ -423,11 +450,17 @@ class Lifecycle:
         except ModelLoadFailed as exc:
             raise type(exc)(f"{what}: {exc.message}") from exc
         options = {"device": self.default_device, **record.options}
+        try:
+            path = self.source.materialize(record)
+        except Exception as exc:
+            raise DownloadFailed(
+                f"{what}: downloading its files failed: {type(exc).__name__}: {exc}"
+            ) from exc
         before = rss_bytes()
         try:
             if record.artifact is not None:
-                _verify_checksum(record.path / record.artifact)
-            model = backend.load(record.path, options)
+                _verify_checksum(path / record.artifact)
+            model = backend.load(path, options)
         except MultiserveError as exc:
             raise ModelLoadFailed(f"{what}: {exc.message}") from exc
         except Exception as exc:
@@ -512,6 +545,9 @@ class Lifecycle:
         }
         if error is not None:
             described["error"] = error
+        progress = self.source.progress(record)
+        if progress is not None:
+            described["download"] = {"bytes_done": progress[0], "bytes_total": progress[1]}
         entry = self.cache.peek(record.key)
         if entry is not None:
             described["memory_bytes"] = entry.memory_bytes

@@ -133,6 +133,11 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.scan_failures = Counter(
+            "multiserve_repository_scan_failures",
+            "Scans that could not read the repository (the bucket unreachable, say).",
+            registry=r,
+        )
         self.events = Counter(
             "multiserve_repository_events",
             "Batches of file-system events seen in the repository.",
@@ -190,6 +195,11 @@ class _ServerCollector(Collector):
         )
         yield _gauge(
             "multiserve_ready", "1 when the server is ready to serve.", int(self.server.ready)
+        )
+        yield _gauge(
+            "multiserve_repository_degraded",
+            "1 while the repository cannot be read; loaded models keep serving.",
+            int(self.server.degraded_reason is not None),
         )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import re
 import secrets
@@ -24,6 +25,8 @@ from multiserve.errors import (
 )
 from multiserve.lifecycle import Lifecycle, LoadedEntry
 from multiserve.metrics import Metrics
+from multiserve.repository.bucket import BucketOptions, BucketRepository, is_bucket_url
+from multiserve.repository.disk_cache import DiskCache
 from multiserve.repository.layout import is_valid_name, parse_version
 from multiserve.repository.local import LocalRepository
 from multiserve.settings import Settings
@@ -39,12 +42,32 @@ class ModelServer:
     def __init__(self, settings: Settings, registry: BackendRegistry | None = None) -> None:
         if not settings.models:
             raise SettingsError("no model repository: pass --models DIR or set MULTISERVE_MODELS")
-        root = Path(settings.models).expanduser()
-        if not root.is_dir():
-            raise SettingsError(f"models: {str(root)!r} is not a directory")
         self.settings = settings
         self.registry = registry if registry is not None else BackendRegistry()
-        self.repository = LocalRepository(root, self.registry)
+        self.repository: LocalRepository | BucketRepository
+        if is_bucket_url(settings.models):
+            cache_root = Path(settings.disk_cache_dir or "~/.cache/multiserve").expanduser()
+            home = cache_root / _slug(settings.models)
+            options = BucketOptions(
+                settings.bucket_endpoint, settings.bucket_region, settings.bucket_allow_http
+            )
+            try:
+                self.repository = BucketRepository(
+                    settings.models,
+                    self.registry,
+                    DiskCache(home / "versions", settings.disk_cache_bytes),
+                    options,
+                    settings.poll_interval_s,
+                )
+            except Exception as exc:  # obstore rejects malformed URLs and options
+                raise SettingsError(f"models: cannot open {settings.models!r}: {exc}") from None
+            default_state = home / "state"
+        else:
+            root = Path(settings.models).expanduser()
+            if not root.is_dir():
+                raise SettingsError(f"models: {str(root)!r} is not a directory")
+            self.repository = LocalRepository(root, self.registry)
+            default_state = root / ".multiserve"
         self.metrics = Metrics()
         self.lifecycle = Lifecycle(
             self.registry,
@@ -55,11 +78,10 @@ class ModelServer:
             version_policy=settings.version_policy,
             warmup=settings.warmup,
             observer=self.metrics,
+            source=self.repository,
         )
         self.metrics.watch(self)
-        state_dir = (
-            Path(settings.state_dir).expanduser() if settings.state_dir else root / ".multiserve"
-        )
+        state_dir = Path(settings.state_dir).expanduser() if settings.state_dir else default_state
         self.store = StateStore(state_dir)
         self.operator_state = OperatorState()
         self.admin_token = settings.admin_token or secrets.token_urlsafe(24)
@@ -70,6 +92,8 @@ class ModelServer:
         self._state_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
         self.not_ready_reason: str | None = "the model repository is being scanned"
+        # Set while the repository cannot be read after it was once: models keep serving.
+        self.degraded_reason: str | None = None
 
     @property
     def ready(self) -> bool:
@@ -88,22 +112,31 @@ class ModelServer:
         self.lifecycle.labels = {n: dict(t) for n, t in self.operator_state.labels.items()}
         # Scanning runs in the background so that probes answer while a large repository is read.
         self._tasks.append(asyncio.create_task(self._discover()))
-        if self.settings.watch:
+        if self.settings.watch and self.repository.poll_interval_s is None:
             self._tasks.append(asyncio.create_task(self._watch()))
 
     async def _discover(self) -> None:
-        """Scan, publish, and scan again on every change (or when a settling version is due)."""
+        """Scan, publish, and scan again on every change (or when a settling version is due;
+        or, for a bucket, every poll interval). A failed scan keeps what was published and
+        retries with backoff."""
+        failures = 0
+        poll = self.repository.poll_interval_s
         while not self._stop.is_set():
             self._changed.clear()
             started = time.perf_counter()
             try:
                 records = await run_sync(self.repository.scan)
-            except Exception as exc:  # the scan skips bad entries itself: an OS failure or a bug
-                logger.exception("scanning %s failed", self.repository.root)
-                self.not_ready_reason = f"scanning the model repository failed: {exc}"
-                self._scanned.set()
-                await asyncio.sleep(1.0)
+            except Exception as exc:
+                failures += 1
+                self._scan_failed(exc, failures)
+                backoff = min(0.5 * 2 ** (failures - 1), poll or 30.0)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), backoff)
                 continue
+            if failures:
+                logger.warning("repository %s is reachable again", self.repository.root)
+                failures = 0
+                self.degraded_reason = None
             due = self.lifecycle.reconcile(records, time.time())
             self.metrics.scans.inc()
             self.metrics.scan_duration.observe(time.perf_counter() - started)
@@ -117,12 +150,27 @@ class ModelServer:
                     len(records),
                 )
                 self._tasks.append(asyncio.create_task(self._load_pinned()))
-            if not self.settings.watch and due is None:
+            if poll is not None:
+                due = poll
+            elif not self.settings.watch and due is None:
                 return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), due)
 
+    def _scan_failed(self, exc: Exception, failures: int) -> None:
+        reason = f"the model repository cannot be read: {type(exc).__name__}: {exc}"
+        reason = reason.splitlines()[0][:500]
+        self.metrics.scan_failures.inc()
+        if failures == 1:
+            logger.error("%s (loaded models keep serving; retrying with backoff)", reason)
+        if self._scanned.is_set() and self.not_ready_reason is None:
+            self.degraded_reason = reason
+        else:
+            self.not_ready_reason = reason
+            self._scanned.set()
+
     async def _watch(self) -> None:
+        assert isinstance(self.repository, LocalRepository)
         while not self._stop.is_set():
             try:
                 async for _ in self.repository.changes(self._stop):
@@ -220,6 +268,12 @@ class ModelServer:
                 f"could not save the operator state to {self.store.path}: {exc}; nothing changed"
             ) from exc
         self.operator_state = state
+
+
+def _slug(url: str) -> str:
+    """A directory name for a bucket URL: readable, and unique by its hash."""
+    readable = re.sub(r"[^A-Za-z0-9_.-]+", "-", url).strip("-")[:60]
+    return f"{readable}-{hashlib.sha256(url.encode()).hexdigest()[:8]}"
 
 
 def _check_label(label: str) -> None:

@@ -134,6 +134,27 @@ class Settings:
     device: str = _setting(
         "cpu", _device, "Device for models whose config.toml names none: cpu, cuda or cuda:N."
     )
+    poll_interval_s: float = _setting(
+        10.0,
+        _positive_float,
+        "Seconds between listings of a bucket repository (s3://, gs://, az://).",
+    )
+    bucket_endpoint: str = _setting(
+        "", _text, "Object store endpoint URL, for S3-compatible stores such as MinIO."
+    )
+    bucket_region: str = _setting("", _text, "Bucket region (S3). Empty: from AWS_REGION.")
+    bucket_allow_http: bool = _setting(
+        False, _bool, "Allow plain-HTTP endpoints (an S3-compatible store on a private network)."
+    )
+    disk_cache_dir: str = _setting(
+        "", _text, "Where versions downloaded from a bucket are kept. Empty: ~/.cache/multiserve."
+    )
+    disk_cache_bytes: int = _setting(
+        10 * 1024**3,
+        parse_size,
+        "Bound on the disk cache (e.g. '20GiB'); least recently used "
+        "versions are deleted first. 0: no bound.",
+    )
     max_models: int = _setting(
         0,
         _int_in(0, 1_000_000),

@@ -47,9 +47,13 @@ async def healthz(request: Request) -> Response:
 
 async def readyz(request: Request) -> Response:
     server = _server(request)
-    if server.ready:
-        return ORJSONResponse({"status": "ready"})
-    return ORJSONResponse({"status": "not_ready", "reason": server.not_ready_reason}, 503)
+    if not server.ready:
+        return ORJSONResponse({"status": "not_ready", "reason": server.not_ready_reason}, 503)
+    if server.degraded_reason is not None:
+        # Still 200: the loaded models serve, and taking this replica out of rotation would
+        # turn a repository outage into a serving outage.
+        return ORJSONResponse({"status": "degraded", "reason": server.degraded_reason})
+    return ORJSONResponse({"status": "ready"})
 
 
 async def list_models(request: Request) -> Response:
@@ -57,7 +61,13 @@ async def list_models(request: Request) -> Response:
     await server.wait_scanned()
     lifecycle = server.lifecycle
     models = [_describe_model(lifecycle, model) for model in lifecycle.catalog.models.values()]
-    return ORJSONResponse({"models": models})
+    repository: dict[str, Any] = {
+        "source": str(server.repository.root),
+        "status": "degraded" if server.degraded_reason else "ok",
+    }
+    if server.degraded_reason:
+        repository["reason"] = server.degraded_reason
+    return ORJSONResponse({"repository": repository, "models": models})
 
 
 async def get_model(request: Request) -> Response:

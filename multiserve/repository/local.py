@@ -27,7 +27,18 @@ from multiserve.repository.layout import (
 logger = logging.getLogger("multiserve.repository")
 
 # config.toml keys the core reads; the rest go to the backend.
-_CORE_KEYS = ("backend", "version_policy", "warmup")
+CORE_KEYS = ("backend", "version_policy", "warmup")
+
+
+def check_core_options(core: dict[str, Any]) -> str | None:
+    """Why the core's own config.toml keys are invalid, or None."""
+    policy = core.get("version_policy")
+    if policy is not None and policy not in ("latest", "all"):
+        return f"version_policy must be 'latest' or 'all', not {policy!r}"
+    warmup = core.get("warmup")
+    if warmup is not None and not isinstance(warmup, bool):
+        return f"warmup must be true or false, not {warmup!r}"
+    return None
 
 
 class LocalRepository:
@@ -83,7 +94,8 @@ class LocalRepository:
             return None
         version_config, problem = _read_config(version_dir / CONFIG_FILE)
         options = merge_config(model_config, version_config)
-        core = {key: options.pop(key) for key in _CORE_KEYS if key in options}
+        core = {key: options.pop(key) for key in CORE_KEYS if key in options}
+        problem = problem or check_core_options(core)
         declared = core.get("backend")
         backend = str(declared) if declared is not None else None
         artifact: str | None = None
@@ -101,12 +113,6 @@ class LocalRepository:
                     "holds no model artifact (model.onnx, model.pt, model.pt2)"
                 )
                 return None
-        policy = core.get("version_policy")
-        if policy is not None and policy not in ("latest", "all"):
-            problem = problem or f"version_policy must be 'latest' or 'all', not {policy!r}"
-        warmup = core.get("warmup")
-        if warmup is not None and not isinstance(warmup, bool):
-            problem = problem or f"warmup must be true or false, not {warmup!r}"
         return VersionRecord(
             name=name,
             version=version,
@@ -119,8 +125,8 @@ class LocalRepository:
             changed_at=max((_changed(stat) for _, stat in files), default=0.0),
             marker=any(p.name == MARKER_FILE for p, _ in files),
             size_bytes=sum(stat.st_size for _, stat in files),
-            version_policy=policy if isinstance(policy, str) else None,
-            warmup=warmup if isinstance(warmup, bool) else None,
+            version_policy=core.get("version_policy"),
+            warmup=core.get("warmup"),
         )
 
     def _dirs(self, parent: Path, warnings: dict[str, str]) -> list[Path]:
@@ -142,6 +148,14 @@ class LocalRepository:
             else:
                 warnings[str(child)] = "not a directory"
         return dirs
+
+    poll_interval_s: float | None = None  # event-driven: watched, not polled
+
+    def materialize(self, record: VersionRecord) -> Path:
+        return record.path
+
+    def progress(self, record: VersionRecord) -> tuple[int, int] | None:
+        return None
 
     async def changes(self, stop: asyncio.Event) -> AsyncIterator[None]:
         """Yields after each batch of file-system events under the root, until ``stop``."""

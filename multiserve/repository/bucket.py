@@ -1,0 +1,265 @@
+"""A model repository in an object store (``s3://``, ``gs://``, ``az://``) through obstore.
+
+The listing is polled; a version is complete once its listing (keys, sizes, ETags) is the same
+on two consecutive polls, or once its ``READY`` marker object exists. Versions are downloaded
+when they are loaded, into a bounded disk cache, so that a model evicted from memory reloads
+without a download.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+import tomllib
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path, PurePosixPath
+from typing import Any
+from urllib.parse import urlparse
+
+import obstore
+from obstore.store import AzureStore, GCSStore, S3Store
+
+from multiserve.backends import BackendRegistry
+from multiserve.catalog import Ident, VersionRecord
+from multiserve.repository.disk_cache import DiskCache
+from multiserve.repository.layout import (
+    CONFIG_FILE,
+    MARKER_FILE,
+    is_valid_name,
+    merge_config,
+    parse_version,
+)
+from multiserve.repository.local import CORE_KEYS, check_core_options
+
+logger = logging.getLogger("multiserve.repository")
+
+SCHEMES = ("s3", "gs", "az")
+_PROGRESS_EVERY_S = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class BucketOptions:
+    endpoint: str = ""
+    region: str = ""
+    allow_http: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class _Object:
+    key: str
+    size: int
+    etag: str
+
+
+def is_bucket_url(text: str) -> bool:
+    return urlparse(text).scheme in SCHEMES
+
+
+def open_store(url: str, options: BucketOptions) -> Any:
+    """An obstore store for the URL. Credentials come from each cloud's standard environment
+    variables (``AWS_*``, ``GOOGLE_*``, ``AZURE_*``), as obstore reads them."""
+    parsed = urlparse(url)
+    bucket, prefix = parsed.netloc, parsed.path.strip("/")
+    client: dict[str, Any] = {
+        "connect_timeout": timedelta(seconds=5),
+        "timeout": timedelta(minutes=30),
+    }
+    if options.allow_http:
+        client["allow_http"] = True
+    # A few quick retries: polling retries on its own, with backoff, and an outage must not
+    # hold a poll for minutes.
+    retry: dict[str, Any] = {"max_retries": 2, "retry_timeout": timedelta(seconds=10)}
+    config: dict[str, Any] = {}
+    if options.endpoint:
+        config["endpoint"] = options.endpoint
+    if options.region and parsed.scheme == "s3":
+        config["region"] = options.region
+    kwargs: dict[str, Any] = {
+        "prefix": prefix or None,
+        "config": config or None,
+        "client_options": client,
+        "retry_config": retry,
+    }
+    stores = {"s3": S3Store, "gs": GCSStore, "az": AzureStore}
+    return stores[parsed.scheme](bucket, **kwargs)
+
+
+class BucketRepository:
+    def __init__(
+        self,
+        url: str,
+        registry: BackendRegistry,
+        cache: DiskCache,
+        options: BucketOptions,
+        poll_interval_s: float,
+    ) -> None:
+        self.url = url
+        self.registry = registry
+        self.cache = cache
+        self.poll_interval_s = poll_interval_s
+        self.store = open_store(url, options)
+        self._previous: dict[tuple[str, int], str] = {}
+        self._first_seen: dict[tuple[str, int, str], float] = {}
+        self._configs: dict[str, tuple[str, dict[str, Any] | str]] = {}
+        self._progress: dict[Ident, tuple[int, int]] = {}
+        self._lock = threading.Lock()
+        self.downloads = 0
+
+    @property
+    def root(self) -> str:
+        return self.url
+
+    # --- discovery ------------------------------------------------------------------------
+
+    def scan(self) -> list[VersionRecord]:
+        """One poll of the listing. Raises (obstore's errors) when the store cannot be listed;
+        the caller keeps what it had and retries."""
+        objects = [
+            _Object(str(meta["path"]), int(meta["size"]), str(meta.get("e_tag") or ""))
+            for batch in obstore.list(self.store)
+            for meta in batch
+        ]
+        models: dict[str, dict[str, list[_Object]]] = {}
+        model_configs: dict[str, _Object] = {}
+        for item in objects:
+            parts = PurePosixPath(item.key).parts
+            if len(parts) == 2 and parts[1] == CONFIG_FILE:
+                model_configs[parts[0]] = item
+            elif len(parts) >= 3 and is_valid_name(parts[0]) and parse_version(parts[1]):
+                models.setdefault(parts[0], {}).setdefault(parts[1], []).append(item)
+        now = time.time()
+        records = []
+        seen: dict[tuple[str, int], str] = {}
+        for name, versions in sorted(models.items()):
+            model_config, model_problem = self._config(model_configs.get(name))
+            for text, items in sorted(versions.items()):
+                version = parse_version(text)
+                assert version is not None
+                record = self._record(name, version, items, model_config, model_problem, now)
+                seen[(name, version)] = record.fingerprint
+                records.append(record)
+        self._previous = seen
+        self._first_seen = {
+            key: first for key, first in self._first_seen.items() if seen.get(key[:2]) == key[2]
+        }
+        return records
+
+    def _record(
+        self,
+        name: str,
+        version: int,
+        items: list[_Object],
+        model_config: dict[str, Any],
+        model_problem: str | None,
+        now: float,
+    ) -> VersionRecord:
+        relative = {
+            str(PurePosixPath(item.key).relative_to(name, str(version))): item for item in items
+        }
+        digest = hashlib.blake2b(digest_size=12)
+        for key in sorted(relative):
+            digest.update(f"{key}\0{relative[key].size}\0{relative[key].etag}\n".encode())
+        fingerprint = digest.hexdigest()
+        version_config, problem = self._config(relative.get(CONFIG_FILE))
+        problem = problem or model_problem
+        options = merge_config(model_config, version_config)
+        core = {key: options.pop(key) for key in CORE_KEYS if key in options}
+        problem = problem or check_core_options(core)
+        backend = str(core["backend"]) if "backend" in core else None
+        artifact: str | None = None
+        path = self.cache.path(name, str(version), fingerprint)
+        if backend is None:
+            try:
+                found = self.registry.detect(path, list(relative))
+            except ValueError as exc:
+                found, problem = None, problem or str(exc)
+            if found is not None:
+                backend, artifact = found[0], found[1] or None
+            elif problem is None:
+                problem = "holds no model artifact (model.onnx, model.pt, model.pt2)"
+        # Complete: marked, or listed the same way by the previous poll.
+        complete = MARKER_FILE in relative or self._previous.get((name, version)) == fingerprint
+        first_seen = self._first_seen.setdefault((name, version, fingerprint), now)
+        return VersionRecord(
+            name=name,
+            version=version,
+            path=path,
+            backend=backend,
+            artifact=artifact,
+            options=options,
+            problem=problem,
+            fingerprint=fingerprint,
+            # An incomplete version must wait for the next poll, not for a settle window.
+            changed_at=first_seen if complete else float("inf"),
+            marker=complete,
+            size_bytes=sum(item.size for item in items),
+            version_policy=core.get("version_policy"),
+            warmup=core.get("warmup"),
+        )
+
+    def _config(self, item: _Object | None) -> tuple[dict[str, Any], str | None]:
+        if item is None:
+            return {}, None
+        cached = self._configs.get(item.key)
+        if cached is None or cached[0] != item.etag:
+            try:
+                text = bytes(obstore.get(self.store, item.key).bytes()).decode()
+                cached = (item.etag, tomllib.loads(text))
+            except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+                cached = (item.etag, f"{item.key} is not valid TOML: {exc}")
+            self._configs[item.key] = cached
+        value = cached[1]
+        return ({}, value) if isinstance(value, str) else (value, None)
+
+    # --- downloads ------------------------------------------------------------------------
+
+    def materialize(self, record: VersionRecord) -> Path:
+        """The version's files on local disk, downloaded first if the disk cache lacks them."""
+        if self.cache.lookup(record.path):
+            return record.path
+        prefix = f"{record.name}/{record.version}/"
+        items = [meta for batch in obstore.list(self.store, prefix=prefix) for meta in batch]
+        total = sum(int(meta["size"]) for meta in items)
+        staging = self.cache.staging()
+        done = 0
+        last_report = time.monotonic()
+        with self._lock:
+            self._progress[record.ident] = (0, total)
+        try:
+            for meta in items:
+                target = staging / str(meta["path"])[len(prefix) :]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with target.open("wb") as stream:
+                    for chunk in obstore.get(self.store, str(meta["path"])):
+                        stream.write(chunk)
+                        done += len(chunk)
+                        with self._lock:
+                            self._progress[record.ident] = (done, total)
+                        if time.monotonic() - last_report >= _PROGRESS_EVERY_S:
+                            last_report = time.monotonic()
+                            logger.info(
+                                "downloading %s version %d: %d of %d bytes (%.0f%%)",
+                                record.name,
+                                record.version,
+                                done,
+                                total,
+                                100 * done / max(total, 1),
+                            )
+            self.cache.commit(staging, record.path)
+        except BaseException:
+            self.cache.discard(staging)
+            raise
+        finally:
+            with self._lock:
+                self._progress.pop(record.ident, None)
+        self.downloads += 1
+        logger.info("downloaded %s version %d (%d bytes)", record.name, record.version, total)
+        return record.path
+
+    def progress(self, record: VersionRecord) -> tuple[int, int] | None:
+        """(bytes done, bytes in all) while the version downloads, else None."""
+        with self._lock:
+            return self._progress.get(record.ident)

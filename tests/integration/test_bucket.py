@@ -1,0 +1,320 @@
+"""Serving from an S3 bucket: a real S3 HTTP API (moto's server on 127.0.0.1) and the same
+obstore client code that production uses."""
+
+from __future__ import annotations
+
+import functools
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import httpx
+import numpy as np
+import onnxruntime as ort
+import pytest
+from moto.server import ThreadedMotoServer
+
+from examples.make_models import scaled_onnx_bytes, write_mlp_onnx
+from multiserve.repository.bucket import BucketRepository
+from tests.conftest import ADMIN_TOKEN, RunningServer, StartServer
+
+X = [[1.0, 2.0, 3.0, 4.0]]
+AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+class S3:
+    """A moto S3 server on loopback that can be stopped and started again on the same port."""
+
+    def __init__(self, bucket: str) -> None:
+        self.bucket = bucket
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self._server.start()
+        self.port = self._server.get_host_and_port()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.client = boto3.client(
+            "s3",
+            endpoint_url=self.url,
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+            region_name="us-east-1",
+        )
+
+    def put(self, key: str, body: bytes) -> None:
+        self.client.put_object(Bucket=self.bucket, Key=key, Body=body)
+
+    def stop(self) -> None:
+        self._server.stop()
+
+    def restart(self) -> None:
+        # moto keeps its buckets in the process, so a new server on the port sees them.
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self._server.start()
+
+
+@pytest.fixture
+def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[S3]:
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        monkeypatch.setenv(key, value)
+    # moto keeps buckets for the life of the process: each test gets its own.
+    server = S3(f"models-{uuid.uuid4().hex[:12]}")
+    server.client.create_bucket(Bucket=server.bucket)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def bucket_server(
+    start_server: StartServer, s3: S3, tmp_path: Path
+) -> Callable[..., RunningServer]:
+    def start(**settings: Any) -> RunningServer:
+        return start_server(
+            f"s3://{s3.bucket}",
+            bucket_endpoint=s3.url,
+            bucket_allow_http=True,
+            bucket_region="us-east-1",
+            disk_cache_dir=str(tmp_path / "cache"),
+            **{"poll_interval_s": 0.3, **settings},
+        )
+
+    return start
+
+
+def upload_mlp(s3: S3, tmp_path: Path, version: int, seed: int) -> bytes:
+    path = write_mlp_onnx(tmp_path / "build" / f"{version}.onnx", seed=seed)
+    data = path.read_bytes()
+    s3.put(f"mlp/{version}/model.onnx", data)
+    return data
+
+
+def serves(client: httpx.Client, version: str) -> bool:
+    return latest_of(client, "m") == version
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def latest_of(client: httpx.Client, name: str) -> str | None:
+    response = client.get(f"/models/{name}")
+    return response.json().get("latest") if response.status_code == 200 else None
+
+
+def test_serves_a_model_from_the_bucket(
+    bucket_server: Callable[..., RunningServer], s3: S3, tmp_path: Path
+) -> None:
+    data = upload_mlp(s3, tmp_path, 1, seed=1)
+    server = bucket_server()
+    with server.client() as client:
+        wait_for(lambda: latest_of(client, "mlp") == "1", 10, "mlp in the listing")
+        x = np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32)
+        response = client.post("/models/mlp/predict", json={"inputs": x.tolist()})
+        assert response.status_code == 200, response.text
+        session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+        np.testing.assert_array_equal(
+            np.asarray(response.json()["outputs"]["probabilities"], np.float32),
+            session.run(None, {"x": x})[0],
+        )
+        listing = client.get("/models").json()
+        assert listing["repository"] == {"source": f"s3://{s3.bucket}", "status": "ok"}
+
+
+def test_a_version_is_complete_only_after_two_identical_listings_or_its_marker(
+    bucket_server: Callable[..., RunningServer], s3: S3, tmp_path: Path
+) -> None:
+    upload_mlp(s3, tmp_path, 1, seed=1)
+    s3.put("marked/1/model.onnx", scaled_onnx_bytes(1.0))
+    s3.put("marked/1/READY", b"")
+    server = bucket_server(poll_interval_s=60)  # one listing during this test
+    with server.client() as client:
+        wait_for(lambda: server.model_server.ready, 10, "the first listing")
+        marked = client.post("/models/marked/predict", json={"inputs": X})
+        assert marked.status_code == 200
+        unmarked = client.post("/models/mlp/predict", json={"inputs": X})
+        assert unmarked.status_code == 503
+        assert unmarked.json()["error"]["code"] == "version_settling"
+
+
+def test_version_uploaded_object_by_object_is_never_served_half_complete(
+    bucket_server: Callable[..., RunningServer], s3: S3, tmp_path: Path
+) -> None:
+    s3.put("m/1/model.onnx", scaled_onnx_bytes(1.0))
+    server = bucket_server(poll_interval_s=0.5)
+    with server.client() as client:
+        wait_for(lambda: latest_of(client, "m") == "1", 10, "version 1")
+        assert client.post("/models/m/predict", json={"inputs": X}).status_code == 200  # hot
+        parts = {
+            "m/2/model.onnx": scaled_onnx_bytes(2.0, 64 * 1024),
+            "m/2/warmup.json": b'{"inputs": [[1, 1, 1, 1]]}',
+            "m/2/config.toml": b"intra_op_threads = 1\n",
+            "m/2/NOTES.txt": b"trained on tuesday",
+        }
+        states = []
+        for key, body in parts.items():
+            s3.put(key, body)
+            time.sleep(0.15)  # well inside one poll interval
+            response = client.post("/models/m/predict", json={"inputs": X})
+            assert response.json()["model_version"] == "1"
+            versions = client.get("/models/m").json()["versions"]
+            version = next((v for v in versions if v["version"] == "2"), {"state": "not listed"})
+            states.append(version["state"])
+        assert set(states) <= {"not listed", "settling"}, states
+        wait_for(
+            lambda: (
+                client.post("/models/m/predict", json={"inputs": X}).json()["model_version"] == "2"
+            ),
+            10,
+            "v2",
+        )
+    cached = server.model_server.lifecycle.catalog.find(("m", 2))
+    assert cached is not None
+    assert sorted(p.name for p in cached.path.iterdir()) == [
+        "NOTES.txt",
+        "config.toml",
+        "model.onnx",
+        "warmup.json",
+    ]
+
+
+def test_uploaded_version_is_swapped_in_under_load_without_a_failed_request(
+    bucket_server: Callable[..., RunningServer], s3: S3
+) -> None:
+    s3.put("m/1/model.onnx", scaled_onnx_bytes(1.0, 128 * 1024))
+    server = bucket_server(poll_interval_s=0.3)
+    stop = threading.Event()
+    answers: list[tuple[int, str, float]] = []
+
+    def predict_continuously() -> None:
+        with server.client() as client:
+            while not stop.is_set():
+                response = client.post("/models/m/predict", json={"inputs": X})
+                y = response.json()["outputs"]["y"][0][0] if response.status_code == 200 else -1.0
+                answers.append(
+                    (response.status_code, response.headers.get("x-model-version", ""), y)
+                )
+
+    with server.client() as client:
+        wait_for(lambda: latest_of(client, "m") == "1", 10, "version 1")
+        threads = [threading.Thread(target=predict_continuously) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        try:
+            for version in (2, 3, 4):
+                s3.put(f"m/{version}/model.onnx", scaled_onnx_bytes(float(version), 128 * 1024))
+                wait_for(functools.partial(serves, client, str(version)), 15, f"v{version}")
+            time.sleep(0.3)
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(timeout=30)
+    assert answers
+    assert [a for a in answers if a[0] != 200] == []
+    assert all(y == float(version) for _, version, y in answers)  # x[0] is 1: y is the version
+    assert {"1", "4"} <= {version for _, version, _ in answers}
+
+
+def test_outage_keeps_loaded_models_serving_and_recovers(
+    bucket_server: Callable[..., RunningServer], s3: S3, tmp_path: Path
+) -> None:
+    upload_mlp(s3, tmp_path, 1, seed=1)
+    server = bucket_server(poll_interval_s=0.2)
+    with server.client() as client:
+        wait_for(lambda: latest_of(client, "mlp") == "1", 10, "mlp")
+        assert client.post("/models/mlp/predict", json={"inputs": X}).status_code == 200
+        s3.stop()
+        wait_for(
+            lambda: client.get("/readyz").json()["status"] == "degraded", 20, "degraded readiness"
+        )
+        ready = client.get("/readyz")
+        assert ready.status_code == 200
+        assert "cannot be read" in ready.json()["reason"]
+        repository = client.get("/models").json()["repository"]
+        assert repository["status"] == "degraded"
+        assert repository["reason"]
+        for _ in range(20):
+            assert client.post("/models/mlp/predict", json={"inputs": X}).status_code == 200
+        assert ("mlp", 1) in server.model_server.lifecycle.cache
+        s3.restart()
+        wait_for(lambda: client.get("/readyz").json() == {"status": "ready"}, 30, "recovery")
+        assert client.get("/models").json()["repository"]["status"] == "ok"
+        upload_mlp(s3, tmp_path, 2, seed=2)
+        wait_for(
+            lambda: (
+                client.post("/models/mlp/predict", json={"inputs": X}).json()["model_version"]
+                == "2"
+            ),
+            15,
+            "v2",
+        )
+
+
+def test_memory_eviction_reloads_from_disk_without_a_download(
+    bucket_server: Callable[..., RunningServer], s3: S3, tmp_path: Path
+) -> None:
+    upload_mlp(s3, tmp_path, 1, seed=1)
+    server = bucket_server()
+    repository = server.model_server.repository
+    assert isinstance(repository, BucketRepository)
+    with server.client() as client:
+        wait_for(lambda: latest_of(client, "mlp") == "1", 10, "mlp")
+        assert client.post("/models/mlp/predict", json={"inputs": X}).status_code == 200
+        assert repository.downloads == 1
+        assert client.post("/admin/models/mlp/1/evict", headers=AUTH).status_code == 200
+        assert ("mlp", 1) not in server.model_server.lifecycle.cache
+        assert client.post("/models/mlp/predict", json={"inputs": X}).status_code == 200
+        assert repository.downloads == 1
+        assert server.model_server.lifecycle.loads == 2
+
+
+def test_disk_cache_is_bounded_and_evicts_least_recently_used(
+    bucket_server: Callable[..., RunningServer], s3: S3
+) -> None:
+    size = 512 * 1024
+    for name in ("a", "b", "c"):
+        s3.put(f"{name}/1/model.onnx", scaled_onnx_bytes(1.0, size))
+    server = bucket_server(disk_cache_bytes=int(2.5 * size))
+    repository = server.model_server.repository
+    assert isinstance(repository, BucketRepository)
+    with server.client() as client:
+        wait_for(lambda: latest_of(client, "c") == "1", 10, "the models")
+        for name in ("a", "b", "c"):
+            assert client.post(f"/models/{name}/predict", json={"inputs": X}).status_code == 200
+            assert repository.cache.total_bytes <= 2.5 * size
+        cached = sorted(path.parts[-3] for path, _, _ in repository.cache.entries())
+        assert cached == ["b", "c"]
+        assert repository.cache.evictions == 1
+        # a was evicted from disk but is still loaded in memory, and serves.
+        assert client.post("/models/a/predict", json={"inputs": X}).status_code == 200
+        assert repository.downloads == 3
+
+
+def test_download_progress_is_visible(
+    bucket_server: Callable[..., RunningServer], s3: S3, tmp_path: Path
+) -> None:
+    s3.put("big/1/model.onnx", scaled_onnx_bytes(1.0, 48 * 1024 * 1024))
+    server = bucket_server()
+    seen: list[dict[str, Any]] = []
+    with server.client() as client:
+        wait_for(lambda: latest_of(client, "big") == "1", 10, "big")
+        loading = threading.Thread(
+            target=lambda: client.post("/admin/models/big/1/load", headers=AUTH)
+        )
+        loading.start()
+        while loading.is_alive():
+            version = client.get("/models/big").json()["versions"][0]
+            if version["state"] == "downloading":
+                seen.append(version)
+            time.sleep(0.005)
+        loading.join()
+    assert seen, "the download was never visible as downloading"
+    assert seen[-1]["download"]["bytes_total"] >= 48 * 1024 * 1024
