@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -17,21 +17,11 @@ import pytest
 
 from multiserve.backends import BackendRegistry
 from tests.conftest import ADMIN_TOKEN, RunningServer, StartServer
+from tests.helpers import AUTH, error_of, wait_for
 from tests.npz_backend import NpzModel, write_npz_model
 
 MiB = 1024**2
-AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 MLP_INPUT = {"inputs": [[1, 2, 3, 4]]}
-
-
-def error_of(response: httpx.Response, status: int) -> dict[str, str]:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/json")
-    assert "Traceback" not in response.text
-    error: dict[str, str] = response.json()["error"]
-    assert set(error) == {"code", "message"}
-    assert error["message"]
-    return error
 
 
 def admin_client(server: RunningServer) -> httpx.Client:
@@ -48,14 +38,6 @@ def cache_of(client: httpx.Client) -> dict[str, Any]:
 def loaded(client: httpx.Client) -> list[str]:
     """``name/version`` of every loaded model, least recently used first."""
     return [f"{e['name']}/{e['version']}" for e in cache_of(client)["entries"]]
-
-
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting until {what}")
-        time.sleep(0.02)
 
 
 def write_npz_models(root: Path, names: list[str], shape: tuple[int, int] = (2, 2)) -> None:
@@ -463,7 +445,7 @@ def test_eviction_drains_a_running_request_before_closing_the_model(
         assert response.status_code == 200, response.text
         assert response.json()["outputs"]["y"] == [[3, 6]]
         assert closed_when_predict_ended == [False]
-        wait_until(lambda: model.closed, "the drained model is closed")
+        wait_for(lambda: model.closed, 10, "the drained model to close")
         # The next request loads a fresh instance.
         assert client.post("/admin/models/slow/1/load").status_code == 200
         fresh = lifecycle.cache.peek(("slow", 1))
@@ -582,7 +564,7 @@ def _check_restored(server: RunningServer) -> None:
         assert cache_of(client)["pins"] == [{"name": "mlp", "version": "1"}]
         assert client.get("/models/mlp").json()["labels"] == {"stable": "2"}
         # The pinned version loads at start, without any request for it.
-        wait_until(lambda: loaded(client) == ["mlp/1"], "the pinned version is loaded")
+        wait_for(lambda: loaded(client) == ["mlp/1"], 10, "the pinned version to load")
         entry = cache_of(client)["entries"][0]
         assert entry["pinned"] is True
         assert error_of(client.post("/admin/models/mlp/1/evict"), 409)["code"] == "conflict"

@@ -20,10 +20,10 @@ from moto.server import ThreadedMotoServer
 
 from examples.make_models import scaled_onnx_bytes, write_mlp_onnx
 from multiserve.repository.bucket import BucketRepository
-from tests.conftest import ADMIN_TOKEN, RunningServer, StartServer
+from tests.conftest import RunningServer, StartServer
+from tests.helpers import AUTH, wait_for
 
 X = [[1.0, 2.0, 3.0, 4.0]]
-AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
 class S3:
@@ -96,13 +96,6 @@ def upload_mlp(s3: S3, tmp_path: Path, version: int, seed: int) -> bytes:
 
 def serves(client: httpx.Client, version: str) -> bool:
     return latest_of(client, "m") == version
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def latest_of(client: httpx.Client, name: str) -> str | None:

@@ -14,18 +14,9 @@ import pytest
 
 from multiserve.backends import BackendRegistry
 from tests.conftest import StartServer
+from tests.helpers import error_of
 
 NPY = "application/x-npy"
-
-
-def error_of(response: httpx.Response, status: int) -> dict[str, str]:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/json")
-    assert "Traceback" not in response.text
-    error: dict[str, str] = response.json()["error"]
-    assert set(error) == {"code", "message"}
-    assert error["message"]
-    return error
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ import shutil
 import statistics
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -18,20 +17,11 @@ import pytest
 
 from examples.make_models import scaled_onnx_bytes, write_mlp_onnx
 from multiserve.backends import BackendRegistry
-from tests.conftest import ADMIN_TOKEN, StartServer
+from tests.conftest import StartServer
+from tests.helpers import AUTH, wait_for
 from tests.npz_backend import write_npz_model
 
 X = [[1.0, 2.0, 3.0, 4.0]]
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> float:
-    """Poll until ``condition()``; the seconds it took."""
-    started = time.monotonic()
-    while not condition():
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
-    return time.monotonic() - started
 
 
 def served_version(client: httpx.Client, model: str = "m") -> str:
@@ -264,7 +254,7 @@ def test_deleting_a_version_drains_it_then_404s(
     )
     server = start_server(mark_ready(tmp_path), npz_registry, settle_window_s=0.2)
     with server.client() as client:
-        assert client.post("/admin/models/slow/2/load", headers=admin()).status_code == 200
+        assert client.post("/admin/models/slow/2/load", headers=AUTH).status_code == 200
         model = server.model_server.lifecycle.cache.peek(("slow", 2))
         assert model is not None
         results: list[httpx.Response] = []
@@ -327,7 +317,3 @@ def test_cold_model_new_version_loads_lazily(start_server: StartServer, model_re
         wait_for(lambda: client.get("/models/mlp").json()["latest"] == "3", 5, "version 3 listed")
         assert lifecycle.loads == 0  # nothing was hot: nothing loads before it is asked for
         assert served_version(client, "mlp") == "3"
-
-
-def admin() -> dict[str, str]:
-    return {"Authorization": f"Bearer {ADMIN_TOKEN}"}

@@ -15,7 +15,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from multiserve.memory import rss_bytes
-from tests.conftest import ADMIN_TOKEN, StartServer
+from tests.conftest import StartServer
+from tests.helpers import AUTH
 
 MB = 1000**2
 # x [1, 5000] @ W [5000, 5000]: 25 million float32 weights, 100 MB, that every prediction reads
@@ -25,7 +26,6 @@ WEIGHT_BYTES = FEATURES * FEATURES * 4
 CYCLES = 8
 # Allocator noise, not a model: a leak of one model's weights per cycle would be 700 MB.
 TOLERANCE = 60 * MB
-AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
 @pytest.fixture(scope="module")

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import shutil
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import ADMIN_TOKEN, StartServer
+from tests.conftest import StartServer
+from tests.helpers import AUTH, wait_for
 
 
 def scrape(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
@@ -27,13 +26,6 @@ def value(
     return sum(v for found, v in samples.get(name, []) if labels.items() <= found.items())
 
 
-def wait_for(condition: Callable[[], bool]) -> None:
-    deadline = time.monotonic() + 10
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
-
-
 def state_of(client: httpx.Client, version: str) -> str | None:
     versions = client.get("/models/mlp").json()["versions"]
     return next((v["state"] for v in versions if v["version"] == version), None)
@@ -43,7 +35,6 @@ def test_scrape_shows_requests_latency_loads_evictions_swaps_and_the_cache(
     start_server: StartServer, model_repo: Path
 ) -> None:
     server = start_server(model_repo, max_models=2, max_memory="1GiB")
-    auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     with server.client() as client:
         for _ in range(3):
             assert (
@@ -55,12 +46,12 @@ def test_scrape_shows_requests_latency_loads_evictions_swaps_and_the_cache(
         # A corrupt version 3 fails its load; a good version 4 is swapped in.
         (model_repo / "mlp/3").mkdir()
         (model_repo / "mlp/3/model.onnx").write_bytes(b"not a model")
-        wait_for(lambda: state_of(client, "3") == "failed")
+        wait_for(lambda: state_of(client, "3") == "failed", 10, "version 3 to fail")
         (model_repo / "mlp/4").mkdir()
         shutil.copy(model_repo / "mlp/1/model.onnx", model_repo / "mlp/4/model.onnx")
-        wait_for(lambda: client.get("/models/mlp").json()["latest"] == "4")
-        client.post("/admin/models/adder/1/load", headers=auth)
-        client.post("/admin/models/counter/1/load", headers=auth)  # evicts the least recent
+        wait_for(lambda: client.get("/models/mlp").json()["latest"] == "4", 10, "version 4")
+        client.post("/admin/models/adder/1/load", headers=AUTH)
+        client.post("/admin/models/counter/1/load", headers=AUTH)  # evicts the least recent
         response = client.get("/metrics")
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")

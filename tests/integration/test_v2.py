@@ -15,9 +15,8 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from tests.conftest import ADMIN_TOKEN, RunningServer, StartServer
-
-AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+from tests.conftest import RunningServer, StartServer
+from tests.helpers import AUTH
 
 
 @pytest.fixture
