@@ -81,6 +81,8 @@ class ModelCache(Generic[K, V]):
 
         Raises CacheFull, naming why, if it cannot fit even then; nothing is changed either way.
         """
+        if nbytes < 0:
+            raise ValueError(f"a model cannot cost {nbytes} bytes")
         if self.max_bytes and nbytes > self.max_bytes:
             raise CacheFull(f"needs {nbytes} bytes, more than the whole budget of {self.max_bytes}")
         items = len(self._slots) + (0 if key in self._slots else 1)

@@ -106,6 +106,14 @@ class ModelTooLarge(MultiserveError):
     code = "insufficient_memory"
 
 
+class CacheThrashing(MultiserveError):
+    """The model kept being evicted before a request could use it: the cache is too small."""
+
+    status_code = 503
+    code = "cache_thrashing"
+    headers = {"Retry-After": "1"}
+
+
 class StateNotSaved(MultiserveError):
     status_code = 500
     code = "state_not_saved"

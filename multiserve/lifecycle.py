@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import hashlib
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -28,6 +29,7 @@ from multiserve.cache import CacheFull, ModelCache
 from multiserve.catalog import LATEST, Catalog, Ident, Key, VersionRecord
 from multiserve.concurrency import run_sync
 from multiserve.errors import (
+    CacheThrashing,
     DownloadFailed,
     ModelLoadFailed,
     ModelTooLarge,
@@ -37,11 +39,12 @@ from multiserve.errors import (
     VersionSettling,
 )
 from multiserve.memory import release_freed_memory, rss_bytes
-from multiserve.types import Array, LoadedModel, ModelMetadata, TensorSpec
+from multiserve.types import Array, Backend, LoadedModel, ModelMetadata, TensorSpec
 
 logger = logging.getLogger("multiserve.lifecycle")
 
 WARMUP_NPZ = "warmup.npz"
+_ACQUIRE_ATTEMPTS = 3
 WARMUP_JSON = "warmup.json"
 
 
@@ -173,6 +176,9 @@ class Lifecycle:
         self._locks: dict[str, asyncio.Lock] = {}
         self._promotions: dict[Ident, asyncio.Task[None]] = {}
         self._closing: set[asyncio.Task[None]] = set()
+        self._measure_lock = threading.Lock()
+        self._loads_running = 0
+        self._loads_started = 0
         self.loads = 0
         self.load_failures = 0
         self.evictions = 0
@@ -321,7 +327,18 @@ class Lifecycle:
     async def lease(self, name: str, selector: str) -> AsyncIterator[Lease]:
         """Hold the model that ``name``/``selector`` resolves to, loading it if needed. The
         model is not closed before the lease ends, even if it is evicted meanwhile."""
-        entry = await self.acquire(name, selector)
+        for _ in range(_ACQUIRE_ATTEMPTS):
+            entry = await self.acquire(name, selector)
+            # A freshly loaded model can be evicted, and start closing, between its load and
+            # this request resuming when the cache is tight: then it must be loaded again.
+            if not entry.closed:
+                break
+        else:
+            raise CacheThrashing(
+                f"{name} version {entry.record.version} was evicted {_ACQUIRE_ATTEMPTS} times "
+                "before it could serve: the cache is too small for the models in use "
+                "(raise max_models or max_memory)"
+            )
         entry.in_flight += 1
         try:
             yield Lease(entry.record, entry.model, self.observer)
@@ -456,7 +473,34 @@ class Lifecycle:
             raise DownloadFailed(
                 f"{what}: downloading its files failed: {type(exc).__name__}: {exc}"
             ) from exc
+        with self._measure_lock:
+            self._loads_running += 1
+            self._loads_started += 1
+            alone = self._loads_running == 1
+            started = self._loads_started
         before = rss_bytes()
+        try:
+            model = self._load_and_warm(record, path, backend, options, what)
+        finally:
+            after = rss_bytes()
+            with self._measure_lock:
+                self._loads_running -= 1
+                # What the process grew by belongs to this load only if no other load ran
+                # beside it; otherwise it would be charged for the others' memory too.
+                alone = alone and self._loads_started == started
+        grown = after - before if alone and before is not None and after is not None else 0
+        # The backend's own figure, or what the process grew by, whichever is larger: some
+        # runtimes allocate far more than their weights (arenas, compiled kernels).
+        return model, max(int(model.memory_bytes), grown)
+
+    def _load_and_warm(
+        self,
+        record: VersionRecord,
+        path: Path,
+        backend: Backend,
+        options: dict[str, Any],
+        what: str,
+    ) -> LoadedModel:
         try:
             if record.artifact is not None:
                 _verify_checksum(path / record.artifact)
@@ -474,11 +518,7 @@ class Lifecycle:
         except ModelLoadFailed:
             model.close()
             raise
-        after = rss_bytes()
-        # The backend's own figure, or what the process grew by, whichever is larger: some
-        # runtimes allocate far more than their weights (arenas, compiled kernels).
-        grown = after - before if before is not None and after is not None else 0
-        return model, max(int(model.memory_bytes), grown)
+        return model
 
     # --- retiring and closing -------------------------------------------------------------
 

@@ -317,3 +317,38 @@ def test_cold_model_new_version_loads_lazily(start_server: StartServer, model_re
         wait_for(lambda: client.get("/models/mlp").json()["latest"] == "3", 5, "version 3 listed")
         assert lifecycle.loads == 0  # nothing was hot: nothing loads before it is asked for
         assert served_version(client, "mlp") == "3"
+
+
+def test_a_tight_cache_under_concurrent_demand_never_serves_a_closed_model(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    # Four models through a cache of two, from eight clients at once: models are loaded,
+    # evicted and reloaded constantly, and a request must never land on one that is closing.
+    for name in "abcd":
+        (tmp_path / name / "1").mkdir(parents=True)
+        (tmp_path / name / "1" / "model.onnx").write_bytes(scaled_onnx_bytes(2.0, 512 * 1024))
+    server = start_server(mark_ready(tmp_path), max_models=2)
+    statuses: list[int] = []
+    deadline = time.monotonic() + 4
+
+    def hammer(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        with server.client() as client:
+            while time.monotonic() < deadline:
+                name = "abcd"[int(rng.integers(4))]
+                response = client.post(f"/models/{name}/predict", json={"inputs": X})
+                statuses.append(response.status_code)
+                if response.status_code == 200:
+                    assert response.json()["outputs"]["y"] == [[2.0, 4.0, 6.0, 8.0]]
+                else:
+                    assert response.json()["error"]["code"] == "cache_thrashing", response.text
+
+    threads = [threading.Thread(target=hammer, args=(seed,)) for seed in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert len(statuses) > 50
+    assert set(statuses) <= {200, 503}
+    assert statuses.count(200) > 0.9 * len(statuses)
+    assert len(server.model_server.lifecycle.cache) <= 2

@@ -218,8 +218,8 @@ class CacheMachine(RuleBasedStateMachine):
 
 
 CacheMachine.TestCase.settings = settings(
-    max_examples=150,
-    stateful_step_count=30,
+    max_examples=100,
+    stateful_step_count=50,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
@@ -336,3 +336,10 @@ def test_negative_bounds_are_rejected() -> None:
         ModelCache(max_items=-1)
     with pytest.raises(ValueError, match=">= 0"):
         ModelCache(max_bytes=-1)
+
+
+def test_negative_sizes_are_refused() -> None:
+    cache: ModelCache[str, int] = ModelCache(max_bytes=100)
+    with pytest.raises(ValueError, match="cannot cost -50 bytes"):
+        cache.put("a", 1, -50)
+    assert len(cache) == 0
