@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -61,6 +61,7 @@ class Metrics:
         # The *_created series double every scrape's size and no dashboard reads them.
         disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry()
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         r = self.registry
         self.http_requests = Counter(
             "multiserve_http_requests",
@@ -144,6 +145,14 @@ class Metrics:
             registry=r,
         )
 
+    def child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, remembered: the lookup is on every request's path."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
+
     def watch(self, server: ModelServer) -> None:
         """Report the server's cache and catalog at each scrape."""
         self.registry.register(_ServerCollector(server))
@@ -167,7 +176,7 @@ class Metrics:
         self.swaps.labels(model).inc()
 
     def inferred(self, model: str, version: int, seconds: float) -> None:
-        self.inference_duration.labels(model, str(version)).observe(seconds)
+        self.child(self.inference_duration, model, str(version)).observe(seconds)
 
 
 class _ServerCollector(Collector):
@@ -242,9 +251,9 @@ class MetricsMiddleware:
             route = scope.get("route")
             template = getattr(route, "path", "unmatched")
             method = scope["method"]
-            metrics.http_requests.labels(template, method, str(status)).inc()
-            metrics.http_duration.labels(template, method).observe(elapsed)
+            metrics.child(metrics.http_requests, template, method, str(status)).inc()
+            metrics.child(metrics.http_duration, template, method).observe(elapsed)
             if template in _PREDICTION_ROUTES and status != 404:
                 model = scope.get("path_params", {}).get("name", "")
-                metrics.predictions.labels(model, version, str(status)).inc()
-                metrics.prediction_duration.labels(model).observe(elapsed)
+                metrics.child(metrics.predictions, model, version, str(status)).inc()
+                metrics.child(metrics.prediction_duration, model).observe(elapsed)

@@ -143,14 +143,16 @@ def _describe_model(lifecycle: Lifecycle, model: ModelRecord) -> dict[str, Any]:
     }
 
 
+# The prediction routes first: routing tries each route in turn, and predictions are the hot
+# path.
 ROUTES = [
+    Route("/models/{name}/{version}/predict", predict, methods=["POST"]),
+    Route("/models/{name}/predict", predict, methods=["POST"]),
     Route("/healthz", healthz, methods=["GET"]),
     Route("/metrics", metrics, methods=["GET"]),
     Route("/openapi.json", openapi_document, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),
     Route("/models", list_models, methods=["GET"]),
     Route("/models/{name}", get_model, methods=["GET"]),
-    Route("/models/{name}/predict", predict, methods=["POST"]),
     Route("/models/{name}/{version}", get_version, methods=["GET"]),
-    Route("/models/{name}/{version}/predict", predict, methods=["POST"]),
 ]
