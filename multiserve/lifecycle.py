@@ -14,8 +14,8 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -159,6 +159,7 @@ class Lifecycle:
         warmup: bool = True,
         observer: LifecycleObserver | None = None,
         source: VersionSource | None = None,
+        load_threads: int = 1,
     ) -> None:
         self.registry = registry
         self.observer: LifecycleObserver = observer if observer is not None else _Unobserved()
@@ -176,9 +177,12 @@ class Lifecycle:
         self._locks: dict[str, asyncio.Lock] = {}
         self._promotions: dict[Ident, asyncio.Task[None]] = {}
         self._closing: set[asyncio.Task[None]] = set()
+        # Loads and closes that may run at once. One (the default) makes each load's growth
+        # of the process's memory measurable, and bounds the memory held by loads in flight.
+        self._memory_gate = threading.Semaphore(load_threads)
         self._measure_lock = threading.Lock()
-        self._loads_running = 0
-        self._loads_started = 0
+        self._memory_running = 0
+        self._memory_events = 0
         self.loads = 0
         self.load_failures = 0
         self.evictions = 0
@@ -473,25 +477,35 @@ class Lifecycle:
             raise DownloadFailed(
                 f"{what}: downloading its files failed: {type(exc).__name__}: {exc}"
             ) from exc
-        with self._measure_lock:
-            self._loads_running += 1
-            self._loads_started += 1
-            alone = self._loads_running == 1
-            started = self._loads_started
-        before = rss_bytes()
-        try:
+        with self._memory_gate, self._memory_work() as alone:
+            before = rss_bytes()
             model = self._load_and_warm(record, path, backend, options, what)
-        finally:
             after = rss_bytes()
-            with self._measure_lock:
-                self._loads_running -= 1
-                # What the process grew by belongs to this load only if no other load ran
-                # beside it; otherwise it would be charged for the others' memory too.
-                alone = alone and self._loads_started == started
-        grown = after - before if alone and before is not None and after is not None else 0
+            # What the process grew by belongs to this load only if nothing else that moves
+            # memory (another load, a close) ran beside it.
+            measured = alone() and before is not None and after is not None
+        grown = after - before if measured and before is not None and after is not None else 0
         # The backend's own figure, or what the process grew by, whichever is larger: some
         # runtimes allocate far more than their weights (arenas, compiled kernels).
         return model, max(int(model.memory_bytes), grown)
+
+    @contextmanager
+    def _memory_work(self) -> Iterator[Callable[[], bool]]:
+        """Brackets work that moves the process's memory; yields whether it has run alone."""
+        with self._measure_lock:
+            self._memory_running += 1
+            self._memory_events += 1
+            alone_at_start = self._memory_running == 1
+            events = self._memory_events
+        try:
+            yield lambda: alone_at_start and self._memory_events == events
+        finally:
+            with self._measure_lock:
+                self._memory_running -= 1
+
+    def _close(self, entry: LoadedEntry) -> None:
+        with self._memory_gate, self._memory_work():
+            _close(entry)
 
     def _load_and_warm(
         self,
@@ -548,7 +562,7 @@ class Lifecycle:
         if not entry.retiring or entry.in_flight > 0 or entry.closed:
             return
         entry.closed = True
-        task = asyncio.get_running_loop().create_task(run_sync(_close, entry))
+        task = asyncio.get_running_loop().create_task(run_sync(self._close, entry))
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 

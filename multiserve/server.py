@@ -79,6 +79,7 @@ class ModelServer:
             warmup=settings.warmup,
             observer=self.metrics,
             source=self.repository,
+            load_threads=settings.load_threads,
         )
         self.metrics.watch(self)
         state_dir = Path(settings.state_dir).expanduser() if settings.state_dir else default_state

@@ -167,6 +167,12 @@ class Settings:
         "Most bytes of loaded models (e.g. '2GiB'); the least recently used "
         "unpinned ones are evicted to stay under it. 0: no bound.",
     )
+    load_threads: int = _setting(
+        1,
+        _int_in(1, 64),
+        "Model loads (and closes) that may run at once. 1 makes each load's "
+        "memory measurable and bounds what loads in flight hold; more loads cold models faster.",
+    )
     watch: bool = _setting(
         True, _bool, "Watch the repository and pick up new, changed and deleted versions live."
     )
