@@ -24,15 +24,9 @@ from obstore.store import AzureStore, GCSStore, S3Store
 
 from multiserve.backends import BackendRegistry
 from multiserve.catalog import Ident, VersionRecord
+from multiserve.repository.classify import NO_ARTIFACT, classify
 from multiserve.repository.disk_cache import DiskCache
-from multiserve.repository.layout import (
-    CONFIG_FILE,
-    MARKER_FILE,
-    is_valid_name,
-    merge_config,
-    parse_version,
-)
-from multiserve.repository.local import CORE_KEYS, check_core_options
+from multiserve.repository.layout import CONFIG_FILE, MARKER_FILE, is_valid_name, parse_version
 
 logger = logging.getLogger("multiserve.repository")
 
@@ -164,22 +158,15 @@ class BucketRepository:
             digest.update(f"{key}\0{relative[key].size}\0{relative[key].etag}\n".encode())
         fingerprint = digest.hexdigest()
         version_config, problem = self._config(relative.get(CONFIG_FILE))
-        problem = problem or model_problem
-        options = merge_config(model_config, version_config)
-        core = {key: options.pop(key) for key in CORE_KEYS if key in options}
-        problem = problem or check_core_options(core)
-        backend = str(core["backend"]) if "backend" in core else None
-        artifact: str | None = None
         path = self.cache.path(name, str(version), fingerprint)
-        if backend is None:
-            try:
-                found = self.registry.detect(path, list(relative))
-            except ValueError as exc:
-                found, problem = None, problem or str(exc)
-            if found is not None:
-                backend, artifact = found[0], found[1] or None
-            elif problem is None:
-                problem = "holds no model artifact (model.onnx, model.pt, model.pt2)"
+        found = classify(
+            self.registry,
+            path,
+            list(relative),
+            model_config,
+            version_config,
+            problem or model_problem,
+        )
         # Complete: marked, or listed the same way by the previous poll.
         complete = MARKER_FILE in relative or self._previous.get((name, version)) == fingerprint
         first_seen = self._first_seen.setdefault((name, version, fingerprint), now)
@@ -187,17 +174,17 @@ class BucketRepository:
             name=name,
             version=version,
             path=path,
-            backend=backend,
-            artifact=artifact,
-            options=options,
-            problem=problem,
+            backend=found.backend,
+            artifact=found.artifact,
+            options=found.options,
+            problem=found.problem if found.loadable else NO_ARTIFACT,
             fingerprint=fingerprint,
             # An incomplete version must wait for the next poll, not for a settle window.
             changed_at=first_seen if complete else float("inf"),
             marker=complete,
             size_bytes=sum(item.size for item in items),
-            version_policy=core.get("version_policy"),
-            warmup=core.get("warmup"),
+            version_policy=found.version_policy,
+            warmup=found.warmup,
         )
 
     def _config(self, item: _Object | None) -> tuple[dict[str, Any], str | None]:

@@ -16,29 +16,10 @@ from watchfiles import awatch
 
 from multiserve.backends import BackendRegistry
 from multiserve.catalog import VersionRecord
-from multiserve.repository.layout import (
-    CONFIG_FILE,
-    MARKER_FILE,
-    is_valid_name,
-    merge_config,
-    parse_version,
-)
+from multiserve.repository.classify import NO_ARTIFACT, classify
+from multiserve.repository.layout import CONFIG_FILE, MARKER_FILE, is_valid_name, parse_version
 
 logger = logging.getLogger("multiserve.repository")
-
-# config.toml keys the core reads; the rest go to the backend.
-CORE_KEYS = ("backend", "version_policy", "warmup")
-
-
-def check_core_options(core: dict[str, Any]) -> str | None:
-    """Why the core's own config.toml keys are invalid, or None."""
-    policy = core.get("version_policy")
-    if policy is not None and policy not in ("latest", "all"):
-        return f"version_policy must be 'latest' or 'all', not {policy!r}"
-    warmup = core.get("warmup")
-    if warmup is not None and not isinstance(warmup, bool):
-        return f"warmup must be true or false, not {warmup!r}"
-    return None
 
 
 class LocalRepository:
@@ -93,40 +74,28 @@ class LocalRepository:
             warnings[str(version_dir)] = "cannot be listed"
             return None
         version_config, problem = _read_config(version_dir / CONFIG_FILE)
-        options = merge_config(model_config, version_config)
-        core = {key: options.pop(key) for key in CORE_KEYS if key in options}
-        problem = problem or check_core_options(core)
-        declared = core.get("backend")
-        backend = str(declared) if declared is not None else None
-        artifact: str | None = None
-        if backend is None:
-            try:
-                found = self.registry.detect(version_dir, [p.name for p, _ in files])
-            except ValueError as exc:
-                found, problem = None, problem or str(exc)
-            if found is not None:
-                backend, artifact = found
-            elif problem is None and not files:
-                return None  # an empty directory: a copy that has not started yet
-            elif problem is None:
-                warnings[str(version_dir)] = (
-                    "holds no model artifact (model.onnx, model.pt, model.pt2)"
-                )
-                return None
+        filenames = [p.name for p, _ in files]
+        found = classify(
+            self.registry, version_dir, filenames, model_config, version_config, problem
+        )
+        if not found.loadable:
+            if files:
+                warnings[str(version_dir)] = NO_ARTIFACT
+            return None  # or an empty directory: a copy that has not started yet
         return VersionRecord(
             name=name,
             version=version,
             path=version_dir,
-            backend=backend,
-            artifact=artifact or None,
-            options=options,
-            problem=problem,
+            backend=found.backend,
+            artifact=found.artifact,
+            options=found.options,
+            problem=found.problem,
             fingerprint=_fingerprint(files),
             changed_at=max((_changed(stat) for _, stat in files), default=0.0),
             marker=any(p.name == MARKER_FILE for p, _ in files),
             size_bytes=sum(stat.st_size for _, stat in files),
-            version_policy=core.get("version_policy"),
-            warmup=core.get("warmup"),
+            version_policy=found.version_policy,
+            warmup=found.warmup,
         )
 
     def _dirs(self, parent: Path, warnings: dict[str, str]) -> list[Path]:
