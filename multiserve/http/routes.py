@@ -96,7 +96,8 @@ async def predict(request: Request) -> Response:
     body_kind = _body_kind(request.headers.get("content-type", ""))
     check_length(request, limit)
     wants_npy = codecs.NPY in request.headers.get("accept", "")
-    output = request.query_params.get("output")
+    # Only an .npy answer picks an output; parsing the query string costs on every request.
+    output = request.query_params.get("output") if wants_npy else None
     name = request.path_params["name"]
     await server.wait_scanned()
     async with server.lifecycle.lease(name, request.path_params.get("version", LATEST)) as lease:
