@@ -235,7 +235,7 @@ class Lifecycle:
     async def _promote(self, record: VersionRecord) -> None:
         """Load and warm a newer version of a hot model, then, in one step, let it serve."""
         try:
-            await self._load_shared(record)
+            await self._load_shared(record, ahead=True)
             loaded = True
         except MultiserveError as exc:
             loaded = False
@@ -349,15 +349,18 @@ class Lifecycle:
         finally:
             self._release(entry)
 
-    async def acquire(self, name: str, selector: str) -> LoadedEntry:
+    async def acquire(self, name: str, selector: str, *, ahead: bool = False) -> LoadedEntry:
+        """The loaded model, loading it if needed. ``ahead``: loading ahead of traffic (an
+        operator's load or pin), so warm it up even without a warm-up sample; a request's own
+        load skips that, since the request is the first inference anyway."""
         candidates = self.resolve(name, selector)
         if selector != LATEST:
-            return await self._entry(candidates[0])
+            return await self._entry(candidates[0], ahead)
         # `latest` is the highest version that loads: fall back past failures.
         first_error: MultiserveError | None = None
         for record in candidates:
             try:
-                return await self._entry(record)
+                return await self._entry(record, ahead)
             except (ModelLoadFailed, ModelTooLarge) as exc:
                 first_error = first_error or exc
         assert first_error is not None
@@ -367,7 +370,7 @@ class Lifecycle:
             f"model {name!r} has no version that loads; newest error: {first_error.message}"
         )
 
-    async def _entry(self, record: VersionRecord) -> LoadedEntry:
+    async def _entry(self, record: VersionRecord, ahead: bool) -> LoadedEntry:
         entry = self.cache.get(record.key)
         if entry is not None and (
             entry.record.fingerprint == record.fingerprint
@@ -386,12 +389,12 @@ class Lifecycle:
             raise VersionSettling(
                 f"{record.name} version {record.version} is still being written (settling)"
             )
-        return await self._load_shared(record)
+        return await self._load_shared(record, ahead)
 
-    async def _load_shared(self, record: VersionRecord) -> LoadedEntry:
+    async def _load_shared(self, record: VersionRecord, ahead: bool) -> LoadedEntry:
         future = self._loads.get(record.ident)
         if future is None:
-            future = asyncio.ensure_future(self._load(record))
+            future = asyncio.ensure_future(self._load(record, ahead))
             # A load whose waiters all went away must not log "exception never retrieved".
             future.add_done_callback(lambda f: f.cancelled() or f.exception())
             self._loads[record.ident] = future
@@ -400,7 +403,7 @@ class Lifecycle:
 
     # --- loading --------------------------------------------------------------------------
 
-    async def _load(self, record: VersionRecord) -> LoadedEntry:
+    async def _load(self, record: VersionRecord, ahead: bool) -> LoadedEntry:
         what = f"{record.name} version {record.version}"
         lock = self._locks.setdefault(record.name, asyncio.Lock())
         try:
@@ -411,7 +414,7 @@ class Lifecycle:
                 self._victims(record.key, record.size_bytes, what)
                 started = time.perf_counter()
                 try:
-                    model, nbytes = await run_sync(self._load_blocking, record)
+                    model, nbytes = await run_sync(self._load_blocking, record, ahead)
                 except ModelLoadFailed as exc:
                     if not isinstance(exc, DownloadFailed):  # an outage is no verdict on the files
                         self._failures[record.ident] = exc
@@ -462,7 +465,7 @@ class Lifecycle:
             self._count_eviction(replaced, "replaced")
             self._retire_entry(replaced)
 
-    def _load_blocking(self, record: VersionRecord) -> tuple[LoadedModel, int]:
+    def _load_blocking(self, record: VersionRecord, ahead: bool) -> tuple[LoadedModel, int]:
         what = f"{record.name} version {record.version}"
         if record.backend is None:
             raise ModelLoadFailed(f"{what}: no backend can load it")
@@ -479,7 +482,7 @@ class Lifecycle:
             ) from exc
         with self._memory_gate, self._memory_work() as alone:
             before = rss_bytes()
-            model = self._load_and_warm(record, path, backend, options, what)
+            model = self._load_and_warm(record, path, backend, options, ahead)
             after = rss_bytes()
             # What the process grew by belongs to this load only if nothing else that moves
             # memory (another load, a close) ran beside it.
@@ -513,8 +516,9 @@ class Lifecycle:
         path: Path,
         backend: Backend,
         options: dict[str, Any],
-        what: str,
+        ahead: bool,
     ) -> LoadedModel:
+        what = f"{record.name} version {record.version}"
         try:
             if record.artifact is not None:
                 _verify_checksum(path / record.artifact)
@@ -528,7 +532,7 @@ class Lifecycle:
             raise ModelLoadFailed(f"{what}: backend {record.backend!r} returned no LoadedModel")
         try:
             if record.warmup if record.warmup is not None else self.warmup:
-                _warm_up(record, model)
+                _warm_up(record, model, synthesize=ahead)
         except ModelLoadFailed:
             model.close()
             raise
@@ -639,10 +643,11 @@ def _verify_checksum(artifact: Path) -> None:
         )
 
 
-def _warm_up(record: VersionRecord, model: LoadedModel) -> None:
+def _warm_up(record: VersionRecord, model: LoadedModel, synthesize: bool) -> None:
     """One inference before the version serves: on ``warmup.npz`` / ``warmup.json`` if the
-    version has one (a failure then fails the load), else on inputs made from the metadata
-    (a failure is only logged: zeros are not every model's idea of a valid input)."""
+    version has one (a failure then fails the load), else, when ``synthesize``, on inputs made
+    from the metadata (a failure is only logged: zeros are not every model's idea of a valid
+    input)."""
     what = f"{record.name} version {record.version}"
     metadata = model.metadata
     sample: Mapping[str, Array] | None = None
@@ -663,6 +668,8 @@ def _warm_up(record: VersionRecord, model: LoadedModel) -> None:
                 f"{what} failed its warm-up: {type(exc).__name__}: {exc}"
             ) from exc
         return
+    if not synthesize:
+        return  # a request is waiting for this load: it is the first inference itself
     try:
         model.predict({spec.name: _synthetic(spec) for spec in metadata.inputs})
     except Exception as exc:

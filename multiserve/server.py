@@ -184,7 +184,7 @@ class ModelServer:
     async def _load_pinned(self) -> None:
         for name, version in sorted(self.operator_state.pins):
             try:
-                await self.lifecycle.acquire(name, str(version))
+                await self.lifecycle.acquire(name, str(version), ahead=True)
             except MultiserveError as exc:
                 logger.error("pinned %s version %d did not load: %s", name, version, exc.message)
 
@@ -203,7 +203,7 @@ class ModelServer:
 
     async def load(self, name: str, selector: str) -> LoadedEntry:
         await self.wait_scanned()
-        return await self.lifecycle.acquire(name, selector)
+        return await self.lifecycle.acquire(name, selector, ahead=True)
 
     async def evict(self, name: str, selector: str) -> VersionRecord:
         await self.wait_scanned()
@@ -223,7 +223,7 @@ class ModelServer:
             was_pinned = cache.is_pinned(record.key)
             cache.pin(record.key)
             try:
-                entry = await self.lifecycle.acquire(name, str(record.version))
+                entry = await self.lifecycle.acquire(name, str(record.version), ahead=True)
                 await self._save(self.operator_state.with_pin(record.key, True))
             except BaseException:
                 if not was_pinned:
