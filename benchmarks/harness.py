@@ -60,7 +60,7 @@ class Deadline:
         if self.remaining() <= 0:
             raise BenchmarkError(
                 f"the run went past --max-seconds {self.seconds:g} while {doing}; "
-                "use --quick or raise --max-seconds"
+                "ask for a smaller run (--quick, --requests) or raise --max-seconds"
             )
 
     def bound(self, seconds: float) -> float:

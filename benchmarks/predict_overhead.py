@@ -25,7 +25,6 @@ import io
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,6 +36,12 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+
+if __package__ in (None, ""):
+    # Run as a script: make `benchmarks` and `examples` importable from the repository root.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.harness import BenchmarkError, Deadline, display_path, free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_PATH = REPO_ROOT / "benchmarks" / "results" / "predict_overhead.json"
@@ -98,24 +103,6 @@ class ServerFailed(RuntimeError):
     """A server exited, or never became ready; the message holds the end of its output."""
 
 
-class Deadline:
-    """Bounds the whole run: every wait and loop checks it, so the run cannot hang."""
-
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-        self._end = time.monotonic() + seconds
-
-    def remaining(self) -> float:
-        return self._end - time.monotonic()
-
-    def check(self, doing: str) -> None:
-        if self.remaining() <= 0:
-            raise TimeoutError(
-                f"the benchmark ran past --max-seconds {self.seconds:g} while {doing}; "
-                "lower --requests or --baseline-calls, or raise --max-seconds"
-            )
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     command_args = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(command_args)
@@ -129,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit("--rounds cannot be more than --requests")
     try:
         results = run_benchmark(args, command_args)
-    except (TimeoutError, ServerFailed) as exc:
+    except (BenchmarkError, ServerFailed) as exc:
         print(f"predict_overhead: {exc}", file=sys.stderr)
         return 1
     print_table(results)
@@ -303,9 +290,6 @@ def run_benchmark(args: argparse.Namespace, command_args: Sequence[str]) -> dict
 
 
 def build_models(root: Path) -> None:
-    # Run as a file, the script has only benchmarks/ on its path.
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))
     from examples.make_models import write_examples
 
     write_examples(root)
@@ -406,14 +390,6 @@ def encode_npy(array: Float32Array) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
     return buffer.getvalue()
-
-
-def free_port() -> int:
-    # Free when this returns; nothing else on a benchmark machine should race for it.
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def launch(
@@ -553,13 +529,6 @@ def package_versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             versions[package] = "not installed"
     return versions
-
-
-def display_path(path: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(REPO_ROOT))
-    except ValueError:
-        return str(path)
 
 
 def display_command(argv: Sequence[str], models: Path) -> str:
