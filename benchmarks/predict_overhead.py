@@ -20,7 +20,6 @@ import contextlib
 import dataclasses
 import datetime
 import http.client
-import importlib.metadata
 import io
 import json
 import os
@@ -41,7 +40,14 @@ if __package__ in (None, ""):
     # Run as a script: make `benchmarks` and `examples` importable from the repository root.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.harness import BenchmarkError, Deadline, display_path, free_port
+from benchmarks.harness import (
+    BenchmarkError,
+    Deadline,
+    display_path,
+    free_port,
+    package_versions,
+    write_json,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_PATH = REPO_ROOT / "benchmarks" / "results" / "predict_overhead.json"
@@ -120,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"predict_overhead: {exc}", file=sys.stderr)
         return 1
     print_table(results)
-    write_results(results, args.output)
+    write_json(args.output, results)
     print(f"\nwrote {display_path(args.output)}")
     return 0
 
@@ -259,7 +265,7 @@ def run_benchmark(args: argparse.Namespace, command_args: Sequence[str]) -> dict
             "load_average_at_start": [round(load, 2) for load in load_at_start],
             "load_average_at_end": [round(load, 2) for load in os.getloadavg()],
         },
-        "versions": package_versions(),
+        "versions": package_versions(PACKAGES),
         "settings": {
             "requests": args.requests,
             "warmup": args.warmup,
@@ -511,24 +517,6 @@ def print_table(results: dict[str, Any]) -> None:
         )
     cold_ms = figures["multiserve_first_request_ms"]
     print(f"first predict to multiserve (loads the model): {cold_ms:.1f} ms")
-
-
-def write_results(results: dict[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Written beside the target and renamed, so an interrupted run never leaves half a file.
-    partial = path.with_name(path.name + ".tmp")
-    partial.write_text(json.dumps(results, indent=2) + "\n")
-    partial.replace(path)
-
-
-def package_versions() -> dict[str, str]:
-    versions = {}
-    for package in PACKAGES:
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = "not installed"
-    return versions
 
 
 def display_command(argv: Sequence[str], models: Path) -> str:
