@@ -47,7 +47,16 @@ from benchmarks.harness import (
 )
 from benchmarks.suite import JSON_HEADERS, multiserve_argv, wait_until_ok
 
-ROUTES = ("floor", "hop", "inline", "threaded", "raw_inline")
+ROUTES = (
+    "floor",
+    "hop",
+    "inline",
+    "threaded",
+    "raw_inline",
+    "raw_executor",
+    "raw_drain",
+    "raw_batched",
+)
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -108,15 +117,71 @@ def serve(port: int, model: str) -> None:
         ]
     )
 
+    import asyncio
+    import queue
+    import threading
+
+    queues: dict[str, queue.SimpleQueue[Any]] = {}
+    loop_box: list[asyncio.AbstractEventLoop] = []
+
+    def complete(done: list[tuple[asyncio.Future[bytes], bytes]]) -> None:
+        for future, content in done:
+            future.set_result(content)
+
+    def drain_worker(jobs: queue.SimpleQueue[Any], batched: bool) -> None:
+        while True:
+            batch = [jobs.get()]
+            while len(batch) < 16:
+                try:
+                    batch.append(jobs.get_nowait())
+                except queue.Empty:
+                    break
+            if batched:
+                xs = [
+                    np.asarray(orjson.loads(body)["inputs"], dtype=np.float32) for body, _ in batch
+                ]
+                ys = session.run(["probabilities"], {"x": np.concatenate(xs)})[0]
+                done = []
+                for i, (_, future) in enumerate(batch):
+                    payload = {
+                        "model_name": "mlp",
+                        "model_version": "1",
+                        "outputs": {"probabilities": ys[i : i + 1]},
+                    }
+                    done.append(
+                        (future, bytes(orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)))
+                    )
+            else:
+                done = [(future, work(body)) for body, future in batch]
+            loop_box[0].call_soon_threadsafe(complete, done)
+
     async def raw(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] == "/raw_inline":
+        if scope["type"] == "http" and scope["path"].startswith("/raw_"):
             chunks = []
             while True:
                 message = await receive()
                 chunks.append(message.get("body", b""))
                 if not message.get("more_body"):
                     break
-            content = work(b"".join(chunks))
+            body = b"".join(chunks)
+            path = scope["path"]
+            if path == "/raw_inline":
+                content = work(body)
+            elif path == "/raw_executor":
+                content = await asyncio.get_running_loop().run_in_executor(None, work, body)
+            else:
+                if not loop_box:
+                    loop_box.append(asyncio.get_running_loop())
+                if path not in queues:
+                    queues[path] = queue.SimpleQueue()
+                    threading.Thread(
+                        target=drain_worker,
+                        args=(queues[path], path == "/raw_batched"),
+                        daemon=True,
+                    ).start()
+                future: asyncio.Future[bytes] = loop_box[0].create_future()
+                queues[path].put((body, future))
+                content = await future
             headers = [(b"content-type", b"application/json")]
             headers.append((b"content-length", str(len(content)).encode()))
             await send({"type": "http.response.start", "status": 200, "headers": headers})

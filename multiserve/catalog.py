@@ -42,6 +42,8 @@ class VersionRecord:
     size_bytes: int = 0
     version_policy: str | None = None
     warmup: bool | None = None
+    max_batch_size: int | None = None
+    inference_threads: int | None = None
     settled: bool = True
     staged: bool = False
 

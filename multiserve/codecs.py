@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from multiserve.errors import InvalidInput, MalformedRequest, NotAcceptable
+from multiserve.errors import InvalidInput, MalformedRequest, NotAcceptable, UnsupportedMediaType
 from multiserve.types import Array, ModelMetadata, TensorSpec
 
 JSON = "application/json"
@@ -26,6 +26,21 @@ _CASTABLE = {
     "b": "b",
     "U": "U",
 }
+
+
+def body_kind(content_type: str) -> str:
+    """JSON or NPY for a request's Content-Type (none means JSON); 415 for anything else."""
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    if media_type in ("", JSON):
+        return JSON
+    if media_type == NPY:
+        return NPY
+    hint = ""
+    if media_type == "application/x-www-form-urlencoded":
+        hint = f" (curl -d sends this type: add -H 'Content-Type: {JSON}')"
+    raise UnsupportedMediaType(
+        f"content type {media_type!r} is not supported; send {JSON} or {NPY}{hint}"
+    )
 
 
 def decode_json(body: bytes, metadata: ModelMetadata) -> dict[str, Array]:

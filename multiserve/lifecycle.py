@@ -19,12 +19,13 @@ from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
 from multiserve import codecs
 from multiserve.backends import BackendRegistry
+from multiserve.batching import Dispatcher, Predict, Prepare, check_batchable
 from multiserve.cache import CacheFull, ModelCache
 from multiserve.catalog import LATEST, Catalog, Ident, Key, VersionRecord
 from multiserve.concurrency import run_sync
@@ -43,6 +44,7 @@ from multiserve.types import Array, Backend, LoadedModel, ModelMetadata, TensorS
 
 logger = logging.getLogger("multiserve.lifecycle")
 
+T = TypeVar("T")
 WARMUP_NPZ = "warmup.npz"
 _ACQUIRE_ATTEMPTS = 3
 WARMUP_JSON = "warmup.json"
@@ -63,6 +65,7 @@ class LoadedEntry:
     model: LoadedModel
     memory_bytes: int
     load_seconds: float
+    dispatcher: Dispatcher  # runs its requests; closed with the model
     loaded_at: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.time)
     in_flight: int = 0  # requests running on it now; it is closed only at zero
@@ -127,23 +130,27 @@ class Lease:
 
     record: VersionRecord
     model: LoadedModel
-    observer: LifecycleObserver
 
-    def predict(self, inputs: Mapping[str, Array]) -> dict[str, Array]:
-        """Run the model (blocking: call it in a worker thread). An exception inside the model
-        becomes PredictionFailed (500); the model stays loaded and keeps serving."""
-        record = self.record
+
+def _predictor(record: VersionRecord, model: LoadedModel, observer: LifecycleObserver) -> Predict:
+    """The model's predict as its dispatcher calls it (blocking, in a worker thread). An
+    exception inside the model becomes PredictionFailed (500); the model stays loaded and keeps
+    serving."""
+    name, version = record.name, record.version
+
+    def predict(inputs: Mapping[str, Array]) -> dict[str, Array]:
         started = time.perf_counter()
         try:
-            outputs = self.model.predict(inputs)
+            outputs = model.predict(inputs)
         except Exception as exc:
-            logger.exception("%s version %d raised during predict", record.name, record.version)
+            logger.exception("%s version %d raised during predict", name, version)
             raise PredictionFailed(
-                f"{record.name} version {record.version}: the model raised "
-                f"{type(exc).__name__}: {exc}"
+                f"{name} version {version}: the model raised {type(exc).__name__}: {exc}"
             ) from None
-        self.observer.inferred(record.name, record.version, time.perf_counter() - started)
-        return {name: np.asarray(value) for name, value in outputs.items()}
+        observer.inferred(name, version, time.perf_counter() - started)
+        return {key: np.asarray(value) for key, value in outputs.items()}
+
+    return predict
 
 
 class Lifecycle:
@@ -160,6 +167,8 @@ class Lifecycle:
         observer: LifecycleObserver | None = None,
         source: VersionSource | None = None,
         load_threads: int = 1,
+        inference_threads: int = 1,
+        max_batch_size: int = 1,
     ) -> None:
         self.registry = registry
         self.observer: LifecycleObserver = observer if observer is not None else _Unobserved()
@@ -168,6 +177,8 @@ class Lifecycle:
         self.settle_window_s = settle_window_s
         self.version_policy = version_policy
         self.warmup = warmup
+        self.inference_threads = inference_threads
+        self.max_batch_size = max_batch_size
         self.catalog = Catalog()
         self.cache: ModelCache[Key, LoadedEntry] = ModelCache(max_models, max_memory)
         self.labels: dict[str, dict[str, int]] = {}
@@ -331,6 +342,27 @@ class Lifecycle:
     async def lease(self, name: str, selector: str) -> AsyncIterator[Lease]:
         """Hold the model that ``name``/``selector`` resolves to, loading it if needed. The
         model is not closed before the lease ends, even if it is evicted meanwhile."""
+        entry = await self._checkout(name, selector)
+        try:
+            yield Lease(entry.record, entry.model)
+        finally:
+            self._release(entry)
+
+    async def infer(
+        self, name: str, selector: str, prepare: Callable[[LoadedEntry], Prepare[T]]
+    ) -> tuple[VersionRecord, T]:
+        """Run one request on the model that ``name``/``selector`` resolves to, loading it if
+        needed: ``prepare(entry)`` is the job its dispatcher runs in a worker thread. The model
+        stays open until the job is finished with, even if this call is cancelled first."""
+        entry = await self._checkout(name, selector)
+        try:
+            future = entry.dispatcher.submit(prepare(entry), lambda: self._release(entry))
+        except BaseException:
+            self._release(entry)
+            raise
+        return entry.record, await future
+
+    async def _checkout(self, name: str, selector: str) -> LoadedEntry:
         for _ in range(_ACQUIRE_ATTEMPTS):
             entry = await self.acquire(name, selector)
             # A freshly loaded model can be evicted, and start closing, between its load and
@@ -344,10 +376,7 @@ class Lifecycle:
                 "(raise max_models or max_memory)"
             )
         entry.in_flight += 1
-        try:
-            yield Lease(entry.record, entry.model, self.observer)
-        finally:
-            self._release(entry)
+        return entry
 
     async def acquire(self, name: str, selector: str, *, ahead: bool = False) -> LoadedEntry:
         """The loaded model, loading it if needed. ``ahead``: loading ahead of traffic (an
@@ -423,7 +452,18 @@ class Lifecycle:
                     logger.error("%s", exc.message)
                     raise
                 seconds = time.perf_counter() - started
-                entry = LoadedEntry(record, model, nbytes, seconds)
+                entry = LoadedEntry(
+                    record,
+                    model,
+                    nbytes,
+                    seconds,
+                    Dispatcher(
+                        f"{record.name}-{record.version}",
+                        _predictor(record, model, self.observer),
+                        max_batch_size=self._batch_size(record),
+                        threads=record.inference_threads or self.inference_threads,
+                    ),
+                )
                 try:
                     self._admit(entry, what)
                 except MultiserveError as exc:
@@ -439,6 +479,9 @@ class Lifecycle:
         self.observer.loaded(record.name, seconds)
         logger.info("loaded %s (%s, %d bytes) in %.3f s", what, record.backend, nbytes, seconds)
         return entry
+
+    def _batch_size(self, record: VersionRecord) -> int:
+        return record.max_batch_size or self.max_batch_size
 
     def _victims(self, key: Key, nbytes: int, what: str) -> list[Key]:
         try:
@@ -531,6 +574,11 @@ class Lifecycle:
         if not isinstance(model, LoadedModel) or not isinstance(model.metadata, ModelMetadata):
             raise ModelLoadFailed(f"{what}: backend {record.backend!r} returned no LoadedModel")
         try:
+            check_batchable(model.metadata, self._batch_size(record))
+        except ValueError as exc:
+            model.close()
+            raise ModelLoadFailed(f"{what}: {exc}") from None
+        try:
             if record.warmup if record.warmup is not None else self.warmup:
                 _warm_up(record, model, synthesize=ahead)
         except ModelLoadFailed:
@@ -619,6 +667,7 @@ class Lifecycle:
 
 def _close(entry: LoadedEntry) -> None:
     record = entry.record
+    entry.dispatcher.close()  # its queue is empty: nothing holds the model any more
     try:
         entry.model.close()
     except Exception:

@@ -153,6 +153,18 @@ class Metrics:
             found = self._children[key] = metric.labels(*labels)
         return found
 
+    def observe_request(
+        self, route: str, method: str, status: int, seconds: float, model: str, version: str
+    ) -> None:
+        """Count and time one HTTP request by its route template (never its raw path, which
+        would let clients create unbounded label values); a prediction also by its model."""
+        child = self.child
+        child(self.http_requests, route, method, str(status)).inc()
+        child(self.http_duration, route, method).observe(seconds)
+        if route in _PREDICTION_ROUTES and status != 404:
+            child(self.predictions, model, version, str(status)).inc()
+            child(self.prediction_duration, model).observe(seconds)
+
     def watch(self, server: ModelServer) -> None:
         """Report the server's cache and catalog at each scrape."""
         self.registry.register(_ServerCollector(server))
@@ -246,14 +258,13 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_and_watch)
         finally:
-            elapsed = time.perf_counter() - started
             metrics.in_flight.dec()
             route = scope.get("route")
-            template = getattr(route, "path", "unmatched")
-            method = scope["method"]
-            metrics.child(metrics.http_requests, template, method, str(status)).inc()
-            metrics.child(metrics.http_duration, template, method).observe(elapsed)
-            if template in _PREDICTION_ROUTES and status != 404:
-                model = scope.get("path_params", {}).get("name", "")
-                metrics.child(metrics.predictions, model, version, str(status)).inc()
-                metrics.child(metrics.prediction_duration, model).observe(elapsed)
+            metrics.observe_request(
+                getattr(route, "path", "unmatched"),
+                scope["method"],
+                status,
+                time.perf_counter() - started,
+                scope.get("path_params", {}).get("name", ""),
+                version,
+            )

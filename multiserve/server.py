@@ -80,6 +80,8 @@ class ModelServer:
             observer=self.metrics,
             source=self.repository,
             load_threads=settings.load_threads,
+            inference_threads=settings.inference_threads,
+            max_batch_size=settings.max_batch_size,
         )
         self.metrics.watch(self)
         state_dir = Path(settings.state_dir).expanduser() if settings.state_dir else default_state
@@ -187,6 +189,11 @@ class ModelServer:
                 await self.lifecycle.acquire(name, str(version), ahead=True)
             except MultiserveError as exc:
                 logger.error("pinned %s version %d did not load: %s", name, version, exc.message)
+
+    @property
+    def scanned(self) -> bool:
+        """The repository has been scanned once (or failed to be): requests can be resolved."""
+        return self._scanned.is_set()
 
     async def wait_scanned(self) -> None:
         await self._scanned.wait()

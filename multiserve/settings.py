@@ -129,7 +129,18 @@ class Settings:
         64 * 1024**2, parse_size, "Largest request body accepted; larger ones get 413."
     )
     worker_threads: int = _setting(
-        16, _int_in(1, 1024), "Threads that run inference and model loads off the event loop."
+        16, _int_in(1, 1024), "Threads that run model loads and file I/O off the event loop."
+    )
+    inference_threads: int = _setting(
+        1,
+        _int_in(1, 256),
+        "Threads per loaded model that run its requests. A model's config.toml may set its own.",
+    )
+    max_batch_size: int = _setting(
+        1,
+        _int_in(1, 1_000_000),
+        "Rows of requests waiting together that one model call may take (dynamic batching); "
+        "1: one call per request. A model's config.toml may set its own.",
     )
     device: str = _setting(
         "cpu", _device, "Device for models whose config.toml names none: cpu, cuda or cuda:N."

@@ -8,12 +8,15 @@ from starlette.middleware import Middleware
 
 from multiserve.http import admin, v2
 from multiserve.http.errors import HANDLERS
+from multiserve.http.predict import PredictRoutes
 from multiserve.http.routes import ROUTES
 from multiserve.metrics import MetricsMiddleware
 from multiserve.server import ModelServer
 
 
-def create_app(server: ModelServer) -> Starlette:
+def create_app(server: ModelServer) -> PredictRoutes:
+    """The ASGI app: predictions answered in front (`PredictRoutes`), the rest by starlette."""
+
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await server.start()
@@ -29,4 +32,4 @@ def create_app(server: ModelServer) -> Starlette:
         lifespan=lifespan,
     )
     app.state.server = server
-    return app
+    return PredictRoutes(app, server)

@@ -10,16 +10,11 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from multiserve import codecs
-from multiserve.catalog import LATEST, ModelRecord
-from multiserve.concurrency import run_sync
-from multiserve.errors import (
-    MethodNotAllowed,
-    UnsupportedMediaType,
-)
-from multiserve.http import openapi
-from multiserve.http.body import check_length, read_body
+from multiserve.catalog import ModelRecord
+from multiserve.errors import MethodNotAllowed
+from multiserve.http import openapi, predict
 from multiserve.http.responses import ORJSONResponse
-from multiserve.lifecycle import Lease, Lifecycle
+from multiserve.lifecycle import Lifecycle
 from multiserve.metrics import CONTENT_TYPE
 from multiserve.server import ModelServer
 
@@ -90,50 +85,6 @@ async def get_version(request: Request) -> Response:
         return ORJSONResponse(server.lifecycle.describe(lease.record))
 
 
-async def predict(request: Request) -> Response:
-    server = _server(request)
-    limit = server.settings.max_request_bytes
-    body_kind = _body_kind(request.headers.get("content-type", ""))
-    check_length(request, limit)
-    wants_npy = codecs.NPY in request.headers.get("accept", "")
-    # Only an .npy answer picks an output; parsing the query string costs on every request.
-    output = request.query_params.get("output") if wants_npy else None
-    name = request.path_params["name"]
-    await server.wait_scanned()
-    async with server.lifecycle.lease(name, request.path_params.get("version", LATEST)) as lease:
-        body = await read_body(request, limit)
-        content = await run_sync(_predict_blocking, lease, body, body_kind, wants_npy, output)
-    return Response(
-        content,
-        media_type=codecs.NPY if wants_npy else codecs.JSON,
-        headers={"X-Model-Name": name, "X-Model-Version": str(lease.record.version)},
-    )
-
-
-def _predict_blocking(
-    lease: Lease, body: bytes, body_kind: str, wants_npy: bool, output: str | None
-) -> bytes:
-    decode = codecs.decode_npy if body_kind == codecs.NPY else codecs.decode_json
-    outputs = lease.predict(decode(body, lease.model.metadata))
-    if wants_npy:
-        return codecs.encode_npy(outputs, output)
-    return codecs.encode_json(lease.record.name, lease.record.version, outputs)
-
-
-def _body_kind(content_type: str) -> str:
-    media_type = content_type.split(";", 1)[0].strip().lower()
-    if media_type in ("", codecs.JSON):
-        return codecs.JSON
-    if media_type == codecs.NPY:
-        return codecs.NPY
-    hint = ""
-    if media_type == "application/x-www-form-urlencoded":
-        hint = f" (curl -d sends this type: add -H 'Content-Type: {codecs.JSON}')"
-    raise UnsupportedMediaType(
-        f"content type {media_type!r} is not supported; send {codecs.JSON} or {codecs.NPY}{hint}"
-    )
-
-
 def _describe_model(lifecycle: Lifecycle, model: ModelRecord) -> dict[str, Any]:
     latest = lifecycle.latest(model.name)
     return {
@@ -144,11 +95,11 @@ def _describe_model(lifecycle: Lifecycle, model: ModelRecord) -> dict[str, Any]:
     }
 
 
-# The prediction routes first: routing tries each route in turn, and predictions are the hot
-# path.
+# Predictions are answered in front of the router (`predict.PredictRoutes`); these two routes
+# document them and answer other methods with 405.
 ROUTES = [
-    Route("/models/{name}/{version}/predict", predict, methods=["POST"]),
-    Route("/models/{name}/predict", predict, methods=["POST"]),
+    Route(predict.ROUTE, predict.endpoint, methods=["POST"]),
+    Route(predict.LATEST_ROUTE, predict.endpoint, methods=["POST"]),
     Route("/healthz", healthz, methods=["GET"]),
     Route("/metrics", metrics, methods=["GET"]),
     Route("/openapi.json", openapi_document, methods=["GET"]),

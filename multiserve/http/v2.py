@@ -17,8 +17,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from multiserve import __version__, codecs
+from multiserve.batching import Finish, Inputs, Prepare
 from multiserve.catalog import LATEST, VersionRecord
-from multiserve.concurrency import run_sync
 from multiserve.errors import (
     Conflict,
     InvalidInput,
@@ -28,7 +28,7 @@ from multiserve.errors import (
 from multiserve.http.admin import authorized
 from multiserve.http.body import check_length, read_body
 from multiserve.http.responses import ORJSONResponse
-from multiserve.lifecycle import Lease, VersionState
+from multiserve.lifecycle import LoadedEntry, VersionState
 from multiserve.server import ModelServer
 from multiserve.types import Array, ModelMetadata, TensorSpec
 
@@ -147,11 +147,16 @@ async def infer(request: Request) -> Response:
     limit = server.settings.max_request_bytes
     check_length(request, limit)
     header_length = _header_length(request)
+    body = await read_body(request, limit)
     await server.wait_scanned()
-    async with server.lifecycle.lease(request.path_params["name"], _selector(request)) as lease:
-        body = await read_body(request, limit)
-        content, json_length = await run_sync(_infer_blocking, lease, body, header_length)
-    headers = {"X-Model-Name": lease.record.name, "X-Model-Version": str(lease.record.version)}
+
+    def prepare(entry: LoadedEntry) -> Prepare[tuple[bytes, int | None]]:
+        return lambda: _decode_request(entry, body, header_length)
+
+    record, (content, json_length) = await server.lifecycle.infer(
+        request.path_params["name"], _selector(request), prepare
+    )
+    headers = {"X-Model-Name": record.name, "X-Model-Version": str(record.version)}
     if json_length is None:
         return Response(content, media_type=codecs.JSON, headers=headers)
     headers["Inference-Header-Content-Length"] = str(json_length)
@@ -167,9 +172,11 @@ def _header_length(request: Request) -> int | None:
     return int(value)
 
 
-def _infer_blocking(
-    lease: Lease, body: bytes, header_length: int | None
-) -> tuple[bytes, int | None]:
+def _decode_request(
+    entry: LoadedEntry, body: bytes, header_length: int | None
+) -> tuple[Inputs, Finish[tuple[bytes, int | None]]]:
+    """The model's inputs from an inference request, and how to encode its answer (in the
+    model's worker thread)."""
     if header_length is None:
         header, binary = body, b""
     else:
@@ -184,11 +191,11 @@ def _infer_blocking(
         raise MalformedRequest(f"inference request is not valid JSON: {exc}") from None
     if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
         raise MalformedRequest('expected an inference request {"inputs": [...]}')
-    metadata = lease.model.metadata
+    metadata = entry.model.metadata
     inputs = _decode_inputs(request["inputs"], binary, metadata)
     wanted = _requested_outputs(request, metadata)
-    outputs = lease.predict(inputs)
-    return _encode_response(lease.record, request.get("id"), outputs, wanted)
+    record, request_id = entry.record, request.get("id")
+    return inputs, lambda outputs: _encode_response(record, request_id, outputs, wanted)
 
 
 def _decode_inputs(entries: list[Any], binary: bytes, metadata: ModelMetadata) -> dict[str, Array]:

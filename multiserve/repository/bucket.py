@@ -183,8 +183,7 @@ class BucketRepository:
             changed_at=first_seen if complete else float("inf"),
             marker=complete,
             size_bytes=sum(item.size for item in items),
-            version_policy=found.version_policy,
-            warmup=found.warmup,
+            **found.serving(),
         )
 
     def _config(self, item: _Object | None) -> tuple[dict[str, Any], str | None]:

@@ -12,7 +12,7 @@ from multiserve.backends import BackendRegistry
 from multiserve.repository.layout import merge_config
 
 # config.toml keys the core reads; the rest go to the backend.
-CORE_KEYS = ("backend", "version_policy", "warmup")
+CORE_KEYS = ("backend", "version_policy", "warmup", "max_batch_size", "inference_threads")
 NO_ARTIFACT = "holds no model artifact (model.onnx, model.pt, model.pt2)"
 
 
@@ -23,7 +23,18 @@ class Classified:
     options: dict[str, Any] = field(default_factory=dict)
     version_policy: str | None = None
     warmup: bool | None = None
+    max_batch_size: int | None = None
+    inference_threads: int | None = None
     problem: str | None = None
+
+    def serving(self) -> dict[str, Any]:
+        """The core's own options, as `VersionRecord` fields."""
+        return {
+            "version_policy": self.version_policy,
+            "warmup": self.warmup,
+            "max_batch_size": self.max_batch_size,
+            "inference_threads": self.inference_threads,
+        }
 
     @property
     def loadable(self) -> bool:
@@ -51,12 +62,16 @@ def classify(
             found, problem = None, problem or str(exc)
         if found is not None:
             backend, artifact = found[0], found[1] or None
+    if problem is not None:
+        core = {}
     return Classified(
         backend=backend,
         artifact=artifact,
         options=options,
-        version_policy=core.get("version_policy") if problem is None else None,
-        warmup=core.get("warmup") if problem is None else None,
+        version_policy=core.get("version_policy"),
+        warmup=core.get("warmup"),
+        max_batch_size=core.get("max_batch_size"),
+        inference_threads=core.get("inference_threads"),
         problem=problem,
     )
 
@@ -68,4 +83,9 @@ def _check_core(core: dict[str, Any]) -> str | None:
     warmup = core.get("warmup")
     if warmup is not None and not isinstance(warmup, bool):
         return f"warmup must be true or false, not {warmup!r}"
+    for key in ("max_batch_size", "inference_threads"):
+        value = core.get(key)
+        whole = isinstance(value, int) and not isinstance(value, bool)
+        if value is not None and (not whole or value < 1):
+            return f"{key} must be a whole number of at least 1, not {value!r}"
     return None

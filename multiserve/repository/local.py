@@ -94,8 +94,7 @@ class LocalRepository:
             changed_at=max((_changed(stat) for _, stat in files), default=0.0),
             marker=any(p.name == MARKER_FILE for p, _ in files),
             size_bytes=sum(stat.st_size for _, stat in files),
-            version_policy=found.version_policy,
-            warmup=found.warmup,
+            **found.serving(),
         )
 
     def _dirs(self, parent: Path, warnings: dict[str, str]) -> list[Path]:

@@ -1,0 +1,185 @@
+"""``POST /models/{name}[/{version}]/predict``: the hot path, as a bare ASGI handler.
+
+Why not a plain starlette endpoint: for a small model, starlette's middleware stack, router and
+`Request`/`Response` objects cost more event-loop time than the inference does, and the event
+loop is what a single-process server runs out of first (``benchmarks/dispatch_cost.py``
+measures each step). `PredictRoutes` sits in front of the starlette app and answers the two
+predict routes itself, with the same errors, headers and metrics; everything else, other
+methods on these paths included, goes on to starlette.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from urllib.parse import parse_qsl
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from multiserve import codecs
+from multiserve.batching import Finish, Inputs, Prepare
+from multiserve.catalog import LATEST
+from multiserve.errors import MalformedRequest, MultiserveError, PayloadTooLarge
+from multiserve.http.responses import error_response, from_error
+from multiserve.lifecycle import LoadedEntry
+from multiserve.server import ModelServer
+from multiserve.types import Array, ModelMetadata
+
+logger = logging.getLogger("multiserve.http")
+
+ROUTE = "/models/{name}/{version}/predict"
+LATEST_ROUTE = "/models/{name}/predict"
+_JSON_TYPE = codecs.JSON.encode()
+_NPY_TYPE = codecs.NPY.encode()
+Decode = Callable[[bytes, ModelMetadata], dict[str, Array]]
+
+
+def match(path: str) -> tuple[str, str, str] | None:
+    """(route template, name, version selector) for a predict path, else None. Path
+    parameters match as starlette's do: one non-empty segment each."""
+    parts = path.split("/")
+    if len(parts) == 4 and parts[1] == "models" and parts[3] == "predict" and parts[2]:
+        return LATEST_ROUTE, parts[2], LATEST
+    if len(parts) == 5 and parts[1] == "models" and parts[4] == "predict" and parts[2] and parts[3]:
+        return ROUTE, parts[2], parts[3]
+    return None
+
+
+class PredictRoutes:
+    """ASGI app: answers ``POST`` on the predict routes; everything else goes to ``app``.
+    Requests answered here bypass the app's metrics middleware, so this records the same
+    metrics itself."""
+
+    def __init__(self, app: ASGIApp, server: ModelServer) -> None:
+        self.app = app
+        self.server = server
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            found = match(scope["path"])
+            if found is not None:
+                await self._predict(scope, receive, send, *found)
+                return
+        await self.app(scope, receive, send)
+
+    async def _predict(
+        self, scope: Scope, receive: Receive, send: Send, route: str, name: str, selector: str
+    ) -> None:
+        metrics = self.server.metrics
+        started = time.perf_counter()
+        metrics.in_flight.inc()
+        status, version = 500, ""
+        try:
+            status, version = await predict(self.server, scope, receive, send, name, selector)
+        finally:
+            metrics.in_flight.dec()
+            elapsed = time.perf_counter() - started
+            metrics.observe_request(route, "POST", status, elapsed, name, version)
+
+
+async def endpoint(scope: Scope, receive: Receive, send: Send) -> None:
+    """The predict routes' endpoint inside the starlette app, for a request that reaches it
+    (an app without `PredictRoutes` in front): the same answer, with the app's middleware."""
+    server: ModelServer = scope["app"].state.server
+    params = scope["path_params"]
+    await predict(server, scope, receive, send, params["name"], params.get("version", LATEST))
+
+
+async def predict(
+    server: ModelServer, scope: Scope, receive: Receive, send: Send, name: str, selector: str
+) -> tuple[int, str]:
+    """Answer one predict request. Returns the status and the version that answered ("" if
+    none did)."""
+    try:
+        version, content, media_type = await _answer(server, scope, receive, name, selector)
+    except MultiserveError as exc:
+        await from_error(exc)(scope, receive, send)
+        return exc.status_code, ""
+    except Exception:
+        logger.exception("unhandled error on POST %s", scope["path"])
+        response = error_response(
+            "internal_error", "internal server error (see the server log)", 500
+        )
+        await response(scope, receive, send)
+        return 500, ""
+    headers = [
+        (b"content-type", media_type),
+        (b"content-length", str(len(content)).encode()),
+        (b"x-model-name", name.encode("latin-1")),
+        (b"x-model-version", version.encode()),
+    ]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": content})
+    return 200, version
+
+
+async def _answer(
+    server: ModelServer, scope: Scope, receive: Receive, name: str, selector: str
+) -> tuple[str, bytes, bytes]:
+    limit = server.settings.max_request_bytes
+    content_type = accept = length = b""
+    for key, value in scope["headers"]:
+        if key == b"content-type":
+            content_type = value
+        elif key == b"accept":
+            accept = value
+        elif key == b"content-length":
+            length = value
+    decode: Decode = (
+        codecs.decode_npy
+        if codecs.body_kind(content_type.decode("latin-1")) == codecs.NPY
+        else codecs.decode_json
+    )
+    if length.isdigit() and int(length) > limit:
+        raise PayloadTooLarge(
+            f"request body of {length.decode()} bytes is over the limit of {limit} bytes"
+        )
+    wants_npy = _NPY_TYPE in accept
+    # Only an .npy answer picks an output; parsing the query string costs on every request.
+    output = _query_output(scope["query_string"]) if wants_npy else None
+    body = await _read_body(receive, limit)
+    if not server.scanned:
+        await server.wait_scanned()
+
+    def prepare(entry: LoadedEntry) -> Prepare[bytes]:
+        metadata, record = entry.model.metadata, entry.record
+
+        def job() -> tuple[Inputs, Finish[bytes]]:
+            def finish(outputs: Mapping[str, Array]) -> bytes:
+                if wants_npy:
+                    return codecs.encode_npy(outputs, output)
+                return codecs.encode_json(record.name, record.version, outputs)
+
+            return decode(body, metadata), finish
+
+        return job
+
+    record, content = await server.lifecycle.infer(name, selector, prepare)
+    return str(record.version), content, _NPY_TYPE if wants_npy else _JSON_TYPE
+
+
+def _query_output(query_string: bytes) -> str | None:
+    # As starlette reads it: blank values kept, the last of repeated keys wins.
+    found = None
+    for key, value in parse_qsl(query_string.decode("latin-1"), keep_blank_values=True):
+        if key == "output":
+            found = value
+    return found
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise MalformedRequest("the client disconnected before sending the whole body")
+        chunk: bytes = message.get("body", b"")
+        if chunk:
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
+            chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
