@@ -3,19 +3,25 @@ cache against its budget, and repository scans. Each server has its own registry
 
 from __future__ import annotations
 
+import threading
 import time
+from bisect import bisect_left
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CollectorRegistry,
     Counter,
-    Gauge,
     Histogram,
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -61,44 +67,40 @@ class Metrics:
         # The *_created series double every scrape's size and no dashboard reads them.
         disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry()
-        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         r = self.registry
-        self.http_requests = Counter(
+        # The series every request touches are plain counts kept by the event loop (and, for
+        # inference time, by the models' worker threads under one lock), turned into
+        # Prometheus families only when scraped: prometheus_client's objects take a lock and
+        # several Python calls per update, which showed as a tenth of a small model's
+        # request time (benchmarks/README.md).
+        self.http_requests = _Counts(
             "multiserve_http_requests",
             "HTTP requests by route template, method and status.",
-            ["route", "method", "status"],
-            registry=r,
+            ("route", "method", "status"),
         )
-        self.http_duration = Histogram(
+        self.http_duration = _Histograms(
             "multiserve_http_request_duration_seconds",
             "HTTP request latency by route template.",
-            ["route", "method"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+            ("route", "method"),
         )
-        self.in_flight = Gauge(
-            "multiserve_http_requests_in_flight", "HTTP requests being served now.", registry=r
-        )
-        self.predictions = Counter(
+        self.in_flight = 0  # HTTP requests being served now (changed on the event loop only)
+        self.predictions = _Counts(
             "multiserve_predictions",
             "Prediction requests by model, version and status.",
-            ["model", "version", "status"],
-            registry=r,
+            ("model", "version", "status"),
         )
-        self.prediction_duration = Histogram(
+        self.prediction_duration = _Histograms(
             "multiserve_prediction_duration_seconds",
             "Prediction request latency, decoding to encoding, by model.",
-            ["model"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+            ("model",),
         )
-        self.inference_duration = Histogram(
+        self.inference_duration = _Histograms(
             "multiserve_inference_duration_seconds",
             "Time inside the model's predict, by model and version.",
-            ["model", "version"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+            ("model", "version"),
         )
+        self._inference_lock = threading.Lock()
+        r.register(_RequestCollector(self))
         self.loads = Counter(
             "multiserve_model_loads",
             "Model loads by model and outcome (success, failure).",
@@ -145,25 +147,17 @@ class Metrics:
             registry=r,
         )
 
-    def child(self, metric: Any, *labels: str) -> Any:
-        """``metric.labels(*labels)``, remembered: the lookup is on every request's path."""
-        key = (id(metric), labels)
-        found = self._children.get(key)
-        if found is None:
-            found = self._children[key] = metric.labels(*labels)
-        return found
-
     def observe_request(
         self, route: str, method: str, status: int, seconds: float, model: str, version: str
     ) -> None:
         """Count and time one HTTP request by its route template (never its raw path, which
-        would let clients create unbounded label values); a prediction also by its model."""
-        child = self.child
-        child(self.http_requests, route, method, str(status)).inc()
-        child(self.http_duration, route, method).observe(seconds)
+        would let clients create unbounded label values); a prediction also by its model.
+        Call on the event loop."""
+        self.http_requests.add((route, method, str(status)))
+        self.http_duration.observe((route, method), seconds)
         if route in _PREDICTION_ROUTES and status != 404:
-            child(self.predictions, model, version, str(status)).inc()
-            child(self.prediction_duration, model).observe(seconds)
+            self.predictions.add((model, version, str(status)))
+            self.prediction_duration.observe((model,), seconds)
 
     def watch(self, server: ModelServer) -> None:
         """Report the server's cache and catalog at each scrape."""
@@ -188,7 +182,9 @@ class Metrics:
         self.swaps.labels(model).inc()
 
     def inferred(self, model: str, version: int, seconds: float) -> None:
-        self.child(self.inference_duration, model, str(version)).observe(seconds)
+        # From the models' worker threads: the lock keeps concurrent updates whole.
+        with self._inference_lock:
+            self.inference_duration.observe((model, str(version)), seconds)
 
 
 class _ServerCollector(Collector):
@@ -224,6 +220,75 @@ class _ServerCollector(Collector):
         )
 
 
+class _Counts:
+    """A counter family: a count per tuple of label values."""
+
+    def __init__(self, name: str, documentation: str, labels: tuple[str, ...]) -> None:
+        self.name, self.documentation, self.labels = name, documentation, labels
+        self.counts: dict[tuple[str, ...], float] = {}
+
+    def add(self, labels: tuple[str, ...], amount: float = 1.0) -> None:
+        counts = self.counts
+        counts[labels] = counts.get(labels, 0.0) + amount
+
+    def family(self) -> CounterMetricFamily:
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labels)
+        for labels, count in list(self.counts.items()):
+            family.add_metric(labels, count)
+        return family
+
+
+# The "le" label of each bucket, as prometheus_client writes it.
+_BUCKET_BOUNDS = (*(repr(float(bound)) for bound in _LATENCY_BUCKETS), "+Inf")
+
+
+class _Histograms:
+    """A histogram family over `_LATENCY_BUCKETS`: per tuple of label values, a count per
+    bucket (not cumulative; summed at scrape) and the sum of the observations."""
+
+    def __init__(self, name: str, documentation: str, labels: tuple[str, ...]) -> None:
+        self.name, self.documentation, self.labels = name, documentation, labels
+        self.series: dict[tuple[str, ...], tuple[list[int], list[float]]] = {}
+
+    def observe(self, labels: tuple[str, ...], seconds: float) -> None:
+        found = self.series.get(labels)
+        if found is None:
+            found = self.series[labels] = ([0] * (len(_LATENCY_BUCKETS) + 1), [0.0])
+        # Prometheus buckets are "less than or equal": the first bound >= the value.
+        found[0][bisect_left(_LATENCY_BUCKETS, seconds)] += 1
+        found[1][0] += seconds
+
+    def family(self) -> HistogramMetricFamily:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labels)
+        for labels, (counts, total) in list(self.series.items()):
+            cumulative, buckets = 0, []
+            for bound, count in zip(_BUCKET_BOUNDS, list(counts), strict=True):
+                cumulative += count
+                buckets.append((bound, cumulative))
+            family.add_metric(labels, buckets, total[0])
+        return family
+
+
+class _RequestCollector(Collector):
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        metrics = self.metrics
+        yield metrics.http_requests.family()
+        yield metrics.http_duration.family()
+        yield _gauge(
+            "multiserve_http_requests_in_flight",
+            "HTTP requests being served now.",
+            metrics.in_flight,
+        )
+        yield metrics.predictions.family()
+        yield metrics.prediction_duration.family()
+        with metrics._inference_lock:
+            inference = metrics.inference_duration.family()
+        yield inference
+
+
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, documentation, value=value)
 
@@ -253,12 +318,12 @@ class MetricsMiddleware:
             await send(message)
 
         metrics = self.metrics
-        metrics.in_flight.inc()
+        metrics.in_flight += 1
         started = time.perf_counter()
         try:
             await self.app(scope, receive, send_and_watch)
         finally:
-            metrics.in_flight.dec()
+            metrics.in_flight -= 1
             route = scope.get("route")
             metrics.observe_request(
                 getattr(route, "path", "unmatched"),

@@ -68,12 +68,12 @@ class PredictRoutes:
     ) -> None:
         metrics = self.server.metrics
         started = time.perf_counter()
-        metrics.in_flight.inc()
+        metrics.in_flight += 1
         status, version = 500, ""
         try:
             status, version = await predict(self.server, scope, receive, send, name, selector)
         finally:
-            metrics.in_flight.dec()
+            metrics.in_flight -= 1
             elapsed = time.perf_counter() - started
             metrics.observe_request(route, "POST", status, elapsed, name, version)
 
