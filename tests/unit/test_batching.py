@@ -156,7 +156,7 @@ def test_a_failing_prepare_or_finish_fails_only_its_job() -> None:
 
     async def main() -> list[object]:
         dispatcher = Dispatcher("m", Doubler(), max_batch_size=4)
-        futures = [
+        futures: list[asyncio.Future[object]] = [
             dispatcher.submit(bad_prepare, lambda: None),
             dispatcher.submit(bad_finish, lambda: None),
             dispatcher.submit(job([[1.0]]), lambda: None),
