@@ -5,13 +5,13 @@ Everything here is CPU work on possibly large payloads, so it runs in a worker t
 
 from __future__ import annotations
 
-import io
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import orjson
 
+from multiserve import npy
 from multiserve.errors import InvalidInput, MalformedRequest, NotAcceptable, UnsupportedMediaType
 from multiserve.types import Array, ModelMetadata, TensorSpec
 
@@ -68,28 +68,27 @@ def decode_npy(body: bytes, metadata: ModelMetadata) -> dict[str, Array]:
             f"{_names(metadata.inputs)}: send JSON"
         )
     try:
-        array = np.load(io.BytesIO(body), allow_pickle=False)
+        array = npy.load(body)
     except (ValueError, OSError, EOFError) as exc:
         raise MalformedRequest(f"request body is not a valid .npy file: {exc}") from None
-    if not isinstance(array, np.ndarray):
-        raise MalformedRequest("request body is not a single .npy array")
     return check_inputs({metadata.inputs[0].name: array}, metadata)
 
 
 def check_inputs(named: Mapping[str, object], metadata: ModelMetadata) -> dict[str, Array]:
     """Arrays for exactly the model's inputs, cast to their dtypes, with rank and fixed
     dimensions checked; InvalidInput (400) naming the input otherwise."""
-    expected = {spec.name for spec in metadata.inputs}
-    unknown = sorted(set(named) - expected)
-    if unknown:
-        raise InvalidInput(
-            f"unknown input {', '.join(map(repr, unknown))}; the model's inputs are "
-            f"{_names(metadata.inputs)}"
-        )
-    missing = [spec.name for spec in metadata.inputs if spec.name not in named]
-    if missing:
+    specs = metadata.inputs
+    if len(named) != len(specs) or any(spec.name not in named for spec in specs):
+        expected = {spec.name for spec in specs}
+        unknown = sorted(set(named) - expected)
+        if unknown:
+            raise InvalidInput(
+                f"unknown input {', '.join(map(repr, unknown))}; the model's inputs are "
+                f"{_names(specs)}"
+            )
+        missing = [spec.name for spec in specs if spec.name not in named]
         raise InvalidInput(f"missing input {', '.join(map(repr, missing))}")
-    return {spec.name: _to_array(named[spec.name], spec) for spec in metadata.inputs}
+    return {spec.name: _to_array(named[spec.name], spec) for spec in specs}
 
 
 def _to_array(value: object, spec: TensorSpec) -> Array:
@@ -100,22 +99,24 @@ def _to_array(value: object, spec: TensorSpec) -> Array:
             f"input {spec.name!r}: not a rectangular array (nested lists of unequal lengths?)"
         ) from None
     target = spec.numpy_dtype
-    if array.dtype.kind not in _CASTABLE.get(target.kind, ""):
+    kind = array.dtype.kind
+    if kind not in _CASTABLE.get(target.kind, ""):
         raise InvalidInput(
             f"input {spec.name!r}: expected {spec.dtype} values, got {_kind_name(array)}"
         )
-    if target.kind in "iu" and array.size and array.dtype.kind in "iu":
+    if target.kind in "iu" and kind in "iu" and array.size:
         info = np.iinfo(target)
         if array.min() < info.min or array.max() > info.max:
             raise InvalidInput(
                 f"input {spec.name!r}: values out of range for {spec.dtype} "
                 f"[{info.min}, {info.max}]"
             )
-    if array.ndim != len(spec.shape) or any(
-        want not in (-1, got) for want, got in zip(spec.shape, array.shape, strict=True)
+    shape = array.shape
+    if len(shape) != len(spec.shape) or any(
+        want != got and want != -1 for want, got in zip(spec.shape, shape, strict=True)
     ):
         raise InvalidInput(
-            f"input {spec.name!r}: expected shape {_shape(spec.shape)}, got {_shape(array.shape)}"
+            f"input {spec.name!r}: expected shape {_shape(spec.shape)}, got {_shape(shape)}"
         )
     return array if target.kind == "U" else array.astype(target, copy=False)
 
@@ -139,9 +140,7 @@ def encode_npy(outputs: Mapping[str, Array], output: str | None) -> bytes:
         output = next(iter(outputs))
     if output not in outputs:
         raise InvalidInput(f"unknown output {output!r}; outputs: {', '.join(outputs)}")
-    buffer = io.BytesIO()
-    np.save(buffer, outputs[output], allow_pickle=False)
-    return buffer.getvalue()
+    return npy.save(outputs[output])
 
 
 def _json_default(value: Any) -> Any:
