@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from prometheus_client import (
@@ -72,28 +72,11 @@ class Metrics:
         # inference time, by the models' worker threads under one lock), turned into
         # Prometheus families only when scraped: prometheus_client's objects take a lock and
         # several Python calls per update, which showed as a tenth of a small model's
-        # request time (benchmarks/README.md).
-        self.http_requests = _Counts(
-            "multiserve_http_requests",
-            "HTTP requests by route template, method and status.",
-            ("route", "method", "status"),
-        )
-        self.http_duration = _Histograms(
-            "multiserve_http_request_duration_seconds",
-            "HTTP request latency by route template.",
-            ("route", "method"),
-        )
+        # request time (benchmarks/README.md). One record per route, method, status, model
+        # and version holds what the four request families are summed from.
+        self._requests: dict[tuple[str, str, int, str, str], list[float]] = {}
         self.in_flight = 0  # HTTP requests being served now (changed on the event loop only)
-        self.predictions = _Counts(
-            "multiserve_predictions",
-            "Prediction requests by model, version and status.",
-            ("model", "version", "status"),
-        )
-        self.prediction_duration = _Histograms(
-            "multiserve_prediction_duration_seconds",
-            "Prediction request latency, decoding to encoding, by model.",
-            ("model",),
-        )
+        self._known: Callable[[str], bool] = lambda model: False
         self.inference_duration = _Histograms(
             "multiserve_inference_duration_seconds",
             "Time inside the model's predict, by model and version.",
@@ -151,17 +134,24 @@ class Metrics:
         self, route: str, method: str, status: int, seconds: float, model: str, version: str
     ) -> None:
         """Count and time one HTTP request by its route template (never its raw path, which
-        would let clients create unbounded label values); a prediction also by its model.
-        Call on the event loop."""
-        self.http_requests.add((route, method, str(status)))
-        self.http_duration.observe((route, method), seconds)
-        if route in _PREDICTION_ROUTES and status != 404:
-            self.predictions.add((model, version, str(status)))
-            self.prediction_duration.observe((model,), seconds)
+        would let clients create unbounded label values); a prediction also by its model, if
+        the model exists (a name from a URL becomes a label value only then). Call on the
+        event loop."""
+        if model and (status == 404 or route not in _PREDICTION_ROUTES or not self._known(model)):
+            model = version = ""
+        key = (route, method, status, model, version)
+        record = self._requests.get(key)
+        if record is None:
+            record = self._requests[key] = [0.0] * (len(_LATENCY_BUCKETS) + 2)
+        # Prometheus buckets are "less than or equal": the first bound >= the value.
+        record[bisect_left(_LATENCY_BUCKETS, seconds)] += 1
+        record[-1] += seconds
 
     def watch(self, server: ModelServer) -> None:
-        """Report the server's cache and catalog at each scrape."""
+        """Report the server's cache and catalog at each scrape, and label predictions only by
+        the models in its catalog."""
         self.registry.register(_ServerCollector(server))
+        self._known = lambda model: model in server.lifecycle.catalog.models
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -220,24 +210,6 @@ class _ServerCollector(Collector):
         )
 
 
-class _Counts:
-    """A counter family: a count per tuple of label values."""
-
-    def __init__(self, name: str, documentation: str, labels: tuple[str, ...]) -> None:
-        self.name, self.documentation, self.labels = name, documentation, labels
-        self.counts: dict[tuple[str, ...], float] = {}
-
-    def add(self, labels: tuple[str, ...], amount: float = 1.0) -> None:
-        counts = self.counts
-        counts[labels] = counts.get(labels, 0.0) + amount
-
-    def family(self) -> CounterMetricFamily:
-        family = CounterMetricFamily(self.name, self.documentation, labels=self.labels)
-        for labels, count in list(self.counts.items()):
-            family.add_metric(labels, count)
-        return family
-
-
 # The "le" label of each bucket, as prometheus_client writes it.
 _BUCKET_BOUNDS = (*(repr(float(bound)) for bound in _LATENCY_BUCKETS), "+Inf")
 
@@ -261,11 +233,7 @@ class _Histograms:
     def family(self) -> HistogramMetricFamily:
         family = HistogramMetricFamily(self.name, self.documentation, labels=self.labels)
         for labels, (counts, total) in list(self.series.items()):
-            cumulative, buckets = 0, []
-            for bound, count in zip(_BUCKET_BOUNDS, list(counts), strict=True):
-                cumulative += count
-                buckets.append((bound, cumulative))
-            family.add_metric(labels, buckets, total[0])
+            family.add_metric(labels, _cumulative(list(counts)), total[0])
         return family
 
 
@@ -275,18 +243,81 @@ class _RequestCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         metrics = self.metrics
-        yield metrics.http_requests.family()
-        yield metrics.http_duration.family()
+        http_requests = _Sums(
+            "multiserve_http_requests",
+            "HTTP requests by route template, method and status.",
+            ("route", "method", "status"),
+        )
+        http_duration = _Sums(
+            "multiserve_http_request_duration_seconds",
+            "HTTP request latency by route template.",
+            ("route", "method"),
+        )
+        predictions = _Sums(
+            "multiserve_predictions",
+            "Prediction requests by model, version and status.",
+            ("model", "version", "status"),
+        )
+        prediction_duration = _Sums(
+            "multiserve_prediction_duration_seconds",
+            "Prediction request latency, decoding to encoding, by model.",
+            ("model",),
+        )
+        for (route, method, status, model, version), record in list(metrics._requests.items()):
+            record = list(record)  # the loop may add to it meanwhile (a scrape runs on it too)
+            http_requests.add((route, method, str(status)), record)
+            http_duration.add((route, method), record)
+            if model:
+                predictions.add((model, version, str(status)), record)
+                prediction_duration.add((model,), record)
+        yield http_requests.counter()
+        yield http_duration.histogram()
         yield _gauge(
             "multiserve_http_requests_in_flight",
             "HTTP requests being served now.",
             metrics.in_flight,
         )
-        yield metrics.predictions.family()
-        yield metrics.prediction_duration.family()
+        yield predictions.counter()
+        yield prediction_duration.histogram()
         with metrics._inference_lock:
             inference = metrics.inference_duration.family()
         yield inference
+
+
+class _Sums:
+    """Request records (a count per bucket, then the sum of seconds) summed by some labels."""
+
+    def __init__(self, name: str, documentation: str, labels: tuple[str, ...]) -> None:
+        self.name, self.documentation, self.labels = name, documentation, labels
+        self.sums: dict[tuple[str, ...], list[float]] = {}
+
+    def add(self, labels: tuple[str, ...], record: list[float]) -> None:
+        found = self.sums.get(labels)
+        if found is None:
+            self.sums[labels] = list(record)
+        else:
+            for i, value in enumerate(record):
+                found[i] += value
+
+    def counter(self) -> CounterMetricFamily:
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labels)
+        for labels, record in self.sums.items():
+            family.add_metric(labels, sum(record[:-1]))
+        return family
+
+    def histogram(self) -> HistogramMetricFamily:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labels)
+        for labels, record in self.sums.items():
+            family.add_metric(labels, _cumulative(record[:-1]), record[-1])
+        return family
+
+
+def _cumulative(counts: Sequence[float]) -> list[tuple[str, float]]:
+    buckets, total = [], 0.0
+    for bound, count in zip(_BUCKET_BOUNDS, counts, strict=True):
+        total += count
+        buckets.append((bound, total))
+    return buckets
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

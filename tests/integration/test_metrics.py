@@ -43,6 +43,15 @@ def test_scrape_shows_requests_latency_loads_evictions_swaps_and_the_cache(
             )
         assert client.post("/models/mlp/predict", json={"inputs": [[1, 2]]}).status_code == 400
         assert client.post("/models/nope/predict", json={"inputs": [1]}).status_code == 404
+        # Refused before its model is looked up: still no label for a name that is no model.
+        unknown = client.post(
+            "/models/nope2/predict", content=b"x", headers={"content-type": "text/plain"}
+        )
+        assert unknown.status_code == 415
+        v2 = client.post(
+            "/v2/models/nope3/infer", content=b"x", headers={"content-type": "text/plain"}
+        )
+        assert v2.status_code in (404, 415)
         # A corrupt version 3 fails its load; a good version 4 is swapped in.
         (model_repo / "mlp/3").mkdir()
         (model_repo / "mlp/3/model.onnx").write_bytes(b"not a model")
@@ -63,7 +72,9 @@ def test_scrape_shows_requests_latency_loads_evictions_swaps_and_the_cache(
     assert value(samples, "multiserve_predictions_total", model="mlp", status="400") == 1
     # Unknown model names never become label values.
     assert not [
-        labels for labels, _ in samples["multiserve_predictions_total"] if labels["model"] == "nope"
+        labels
+        for labels, _ in samples["multiserve_predictions_total"]
+        if labels["model"] in ("nope", "nope2", "nope3")
     ]
     assert (
         value(
