@@ -137,6 +137,8 @@ class Dispatcher:
 
     def _run(self, batch: list[_Job[Any]]) -> bool:
         """Run the jobs and hand their results to the loop; False once the loop is gone."""
+        if self.max_batch_size == 1:
+            return self._run_each(batch)
         results: list[_Result] = []
         prepared: list[tuple[_Job[Any], Inputs, Finish[Any]]] = []
         for job in batch:
@@ -153,11 +155,12 @@ class Dispatcher:
         # model's requests share the cost of waking the loop, and a slow model's first answer
         # is not held back until the last job taken with it is done.
         inputs_of = [inputs for _, inputs, _ in prepared]
+        shapes = [_signature(inputs) for inputs in inputs_of]
         flushed = time.perf_counter()
         start = 0
         while start < len(prepared):
-            end = _batch_end(inputs_of, start, self.max_batch_size)
-            answers = self._predict_group(inputs_of[start:end])
+            end = _batch_end(shapes, start, self.max_batch_size)
+            answers = self._predict_group(inputs_of[start:end], shapes[start:end])
             for (job, _, finish), answer in zip(prepared[start:end], answers, strict=True):
                 if isinstance(answer, BaseException):
                     results.append((job, None, answer))
@@ -174,6 +177,29 @@ class Dispatcher:
                 results, flushed = [], now
         return self._hand_back(results)
 
+    def _run_each(self, batch: list[_Job[Any]]) -> bool:
+        """`_run` without batching: each job decoded, run and encoded in turn."""
+        predict = self._predict
+        results: list[_Result] = []
+        flushed = time.perf_counter()
+        last = len(batch) - 1
+        for index, job in enumerate(batch):
+            if job.future.cancelled():  # its client went away before it started
+                results.append((job, None, None))
+                continue
+            try:
+                inputs, finish = job.prepare()
+                results.append((job, finish(predict(inputs)), None))
+            except Exception as exc:
+                results.append((job, None, exc))
+            if index < last:
+                now = time.perf_counter()
+                if now - flushed >= FLUSH_S:
+                    if not self._hand_back(results):
+                        return False
+                    results, flushed = [], now
+        return self._hand_back(results)
+
     def _hand_back(self, results: list[_Result]) -> bool:
         if not results:
             return True
@@ -183,11 +209,13 @@ class Dispatcher:
             return False
         return True
 
-    def _predict_group(self, group: Sequence[Inputs]) -> list[Outputs | BaseException]:
+    def _predict_group(
+        self, group: Sequence[Inputs], shapes: Sequence[_Shape | None]
+    ) -> list[Outputs | BaseException]:
         """Answers for jobs that may share one call: one call if it succeeds and its outputs
         split back by rows, else one call per job (so a bad request fails only itself)."""
         if len(group) > 1:
-            split = self._predict_batch(group)
+            split = self._predict_batch(group, [shape[1] for shape in shapes if shape])
             if split is not None:
                 return split
         return [self._predict_one(inputs) for inputs in group]
@@ -198,9 +226,10 @@ class Dispatcher:
         except Exception as exc:
             return exc
 
-    def _predict_batch(self, group: Sequence[Inputs]) -> list[Outputs | BaseException] | None:
-        """One call for the group, or None to run its jobs one by one instead."""
-        rows = [len(next(iter(inputs.values()))) for inputs in group]
+    def _predict_batch(
+        self, group: Sequence[Inputs], rows: list[int]
+    ) -> list[Outputs | BaseException] | None:
+        """One call for the group (``rows`` each), or None to run its jobs one by one."""
         joined = {name: np.concatenate([inputs[name] for inputs in group]) for name in group[0]}
         try:
             outputs = self._predict(joined)
@@ -224,37 +253,40 @@ class Dispatcher:
         return answers
 
 
-def _batch_end(inputs: list[Inputs], start: int, max_rows: int) -> int:
+# What jobs must agree on to share a call (each input's name, dtype and shape after the first
+# dimension), and the job's rows.
+_Shape = tuple[tuple[tuple[str, np.dtype[Any], tuple[int, ...]], ...], int]
+
+
+def _signature(inputs: Inputs) -> _Shape | None:
+    """The job's `_Shape`, or None when it cannot share a call: no inputs, a scalar input, or
+    inputs that disagree on their rows."""
+    rows = -1
+    parts = []
+    for name, value in inputs.items():
+        shape = value.shape
+        if not shape or (rows != -1 and shape[0] != rows):
+            return None
+        rows = shape[0]
+        parts.append((name, value.dtype, shape[1:]))
+    return (tuple(parts), rows) if parts else None
+
+
+def _batch_end(shapes: Sequence[_Shape | None], start: int, max_rows: int) -> int:
     """The end of the longest run of jobs from ``start`` that can share one call: the same
-    input names, each with the same dtype and the same shape after the first dimension, and
-    no more than ``max_rows`` rows in all."""
-    first = inputs[start]
-    if max_rows <= 1 or not first or any(value.ndim == 0 for value in first.values()):
+    `_Shape` apart from the rows, and no more than ``max_rows`` rows in all."""
+    first = shapes[start]
+    if max_rows <= 1 or first is None or first[1] > max_rows:
         return start + 1
-    signature = {name: (value.dtype, value.shape[1:]) for name, value in first.items()}
-    rows = _rows(first)
-    if rows is None or rows > max_rows:
-        return start + 1
+    signature, rows = first
     end = start + 1
-    while end < len(inputs):
-        candidate = inputs[end]
-        if candidate.keys() != first.keys() or any(
-            value.ndim == 0 or (value.dtype, value.shape[1:]) != signature[name]
-            for name, value in candidate.items()
-        ):
+    while end < len(shapes):
+        candidate = shapes[end]
+        if candidate is None or candidate[0] != signature or rows + candidate[1] > max_rows:
             break
-        more = _rows(candidate)
-        if more is None or rows + more > max_rows:
-            break
-        rows += more
+        rows += candidate[1]
         end += 1
     return end
-
-
-def _rows(inputs: Inputs) -> int | None:
-    """The rows of a job's inputs, or None when its inputs disagree on them."""
-    counts = {len(value) for value in inputs.values()}
-    return counts.pop() if len(counts) == 1 else None
 
 
 def _complete(results: list[_Result]) -> None:

@@ -58,7 +58,8 @@ def decode_json(body: bytes, metadata: ModelMetadata) -> dict[str, Array]:
             f"the model has {len(metadata.inputs)} inputs ({_names(metadata.inputs)}): "
             'send {"inputs": {"<input name>": [...], ...}}'
         )
-    return check_inputs({metadata.inputs[0].name: inputs}, metadata)
+    spec = metadata.inputs[0]
+    return {spec.name: _to_array(inputs, spec)}
 
 
 def decode_npy(body: bytes, metadata: ModelMetadata) -> dict[str, Array]:
@@ -112,13 +113,18 @@ def _to_array(value: object, spec: TensorSpec) -> Array:
                 f"[{info.min}, {info.max}]"
             )
     shape = array.shape
-    if len(shape) != len(spec.shape) or any(
-        want != got and want != -1 for want, got in zip(spec.shape, shape, strict=True)
-    ):
-        raise InvalidInput(
-            f"input {spec.name!r}: expected shape {_shape(spec.shape)}, got {_shape(shape)}"
-        )
+    if len(shape) != len(spec.shape):
+        raise _wrong_shape(spec, shape)
+    for want, got in zip(spec.shape, shape):  # noqa: B905 (lengths checked above)
+        if want != got and want != -1:
+            raise _wrong_shape(spec, shape)
     return array if target.kind == "U" else array.astype(target, copy=False)
+
+
+def _wrong_shape(spec: TensorSpec, shape: tuple[int, ...]) -> InvalidInput:
+    return InvalidInput(
+        f"input {spec.name!r}: expected shape {_shape(spec.shape)}, got {_shape(shape)}"
+    )
 
 
 def dumps(value: Any) -> bytes:

@@ -354,13 +354,47 @@ class Lifecycle:
         """Run one request on the model that ``name``/``selector`` resolves to, loading it if
         needed: ``prepare(entry)`` is the job its dispatcher runs in a worker thread. The model
         stays open until the job is finished with, even if this call is cancelled first."""
-        entry = await self._checkout(name, selector)
+        submitted = self.submit(name, selector, prepare)
+        if submitted is None:
+            entry = await self._checkout(name, selector)
+            submitted = self._submit(entry, prepare)
+        record, future = submitted
+        return record, await future
+
+    def submit(
+        self, name: str, selector: str, prepare: Callable[[LoadedEntry], Prepare[T]]
+    ) -> tuple[VersionRecord, asyncio.Future[T]] | None:
+        """`infer` without a coroutine, for the hot path: the job queued at once when the model
+        is loaded and needs no wait, else None (then call `infer`, which loads, waits or
+        raises)."""
+        entry = self._ready(name, selector)
+        if entry is None:
+            return None
+        entry.in_flight += 1
+        return self._submit(entry, prepare)
+
+    def _submit(
+        self, entry: LoadedEntry, prepare: Callable[[LoadedEntry], Prepare[T]]
+    ) -> tuple[VersionRecord, asyncio.Future[T]]:
+        """Queue a job on a checked-out entry; the entry is released once the job is done."""
         try:
             future = entry.dispatcher.submit(prepare(entry), lambda: self._release(entry))
         except BaseException:
             self._release(entry)
             raise
-        return entry.record, await future
+        return entry.record, future
+
+    def _ready(self, name: str, selector: str) -> LoadedEntry | None:
+        """What `acquire` would return when that needs no load and no wait, else None (and
+        `acquire` then loads, waits or raises): the hot path, without its coroutines."""
+        try:
+            record = self.resolve(name, selector)[0]
+        except MultiserveError:
+            return None
+        if self.cache.peek(record.key) is None:
+            return None  # not loaded: no hit or miss counted here, `acquire` counts it
+        entry = self._loaded(record)
+        return None if entry is None or entry.closed else entry
 
     async def _checkout(self, name: str, selector: str) -> LoadedEntry:
         for _ in range(_ACQUIRE_ATTEMPTS):
@@ -399,7 +433,9 @@ class Lifecycle:
             f"model {name!r} has no version that loads; newest error: {first_error.message}"
         )
 
-    async def _entry(self, record: VersionRecord, ahead: bool) -> LoadedEntry:
+    def _loaded(self, record: VersionRecord) -> LoadedEntry | None:
+        """The cache's entry for ``record`` if it may serve it: loaded from the same files,
+        or from earlier files while new ones settle, wait to be staged, or failed to load."""
         entry = self.cache.get(record.key)
         if entry is not None and (
             entry.record.fingerprint == record.fingerprint
@@ -408,6 +444,12 @@ class Lifecycle:
             or record.ident in self._failures
         ):
             entry.last_used = time.time()
+            return entry
+        return None
+
+    async def _entry(self, record: VersionRecord, ahead: bool) -> LoadedEntry:
+        entry = self._loaded(record)
+        if entry is not None:
             return entry
         if record.problem is not None:
             raise ModelLoadFailed(record.problem)

@@ -56,16 +56,13 @@ class PredictRoutes:
         self.server = server
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        found = None
         if scope["type"] == "http" and scope["method"] == "POST":
             found = match(scope["path"])
-            if found is not None:
-                await self._predict(scope, receive, send, *found)
-                return
-        await self.app(scope, receive, send)
-
-    async def _predict(
-        self, scope: Scope, receive: Receive, send: Send, route: str, name: str, selector: str
-    ) -> None:
+        if found is None:
+            await self.app(scope, receive, send)
+            return
+        route, name, selector = found
         metrics = self.server.metrics
         started = time.perf_counter()
         metrics.in_flight += 1
@@ -90,9 +87,23 @@ async def predict(
     server: ModelServer, scope: Scope, receive: Receive, send: Send, name: str, selector: str
 ) -> tuple[int, str]:
     """Answer one predict request. Returns the status and the version that answered ("" if
-    none did)."""
+    none did). One coroutine from the server to the model's future on the hot path (the
+    model loaded, the body in one message): each coroutine between them costs on every
+    resume."""
     try:
-        version, content, media_type = await _answer(server, scope, receive, name, selector)
+        limit = server.settings.max_request_bytes
+        decode, wants_npy, output = _request(scope, limit)
+        body = await _read_body(receive, limit)
+        if not server.scanned:
+            await server.wait_scanned()
+        prepare = _prepare(body, decode, wants_npy, output)
+        lifecycle = server.lifecycle
+        submitted = lifecycle.submit(name, selector, prepare)
+        if submitted is None:
+            record, content = await lifecycle.infer(name, selector, prepare)
+        else:
+            record, future = submitted
+            content = await future
     except MultiserveError as exc:
         await from_error(exc)(scope, receive, send)
         return exc.status_code, ""
@@ -103,8 +114,9 @@ async def predict(
         )
         await response(scope, receive, send)
         return 500, ""
+    version = str(record.version)
     headers = [
-        (b"content-type", media_type),
+        (b"content-type", _NPY_TYPE if wants_npy else _JSON_TYPE),
         (b"content-length", str(len(content)).encode()),
         (b"x-model-name", name.encode("latin-1")),
         (b"x-model-version", version.encode()),
@@ -114,10 +126,9 @@ async def predict(
     return 200, version
 
 
-async def _answer(
-    server: ModelServer, scope: Scope, receive: Receive, name: str, selector: str
-) -> tuple[str, bytes, bytes]:
-    limit = server.settings.max_request_bytes
+def _request(scope: Scope, limit: int) -> tuple[Decode, bool, str | None]:
+    """From the request's headers: how to decode its body, whether it wants an .npy answer,
+    and the output that answer holds. 413 and 415 are told here, before the body is read."""
     content_type = accept = length = b""
     for key, value in scope["headers"]:
         if key == b"content-type":
@@ -126,11 +137,11 @@ async def _answer(
             accept = value
         elif key == b"content-length":
             length = value
-    decode: Decode = (
-        codecs.decode_npy
-        if codecs.body_kind(content_type.decode("latin-1")) == codecs.NPY
-        else codecs.decode_json
-    )
+    # The common case, plain JSON, needs no parsing.
+    kind = codecs.JSON
+    if content_type != _JSON_TYPE:
+        kind = codecs.body_kind(content_type.decode("latin-1"))
+    decode: Decode = codecs.decode_npy if kind == codecs.NPY else codecs.decode_json
     if length.isdigit() and int(length) > limit:
         raise PayloadTooLarge(
             f"request body of {length.decode()} bytes is over the limit of {limit} bytes"
@@ -138,9 +149,13 @@ async def _answer(
     wants_npy = _NPY_TYPE in accept
     # Only an .npy answer picks an output; parsing the query string costs on every request.
     output = _query_output(scope["query_string"]) if wants_npy else None
-    body = await _read_body(receive, limit)
-    if not server.scanned:
-        await server.wait_scanned()
+    return decode, wants_npy, output
+
+
+def _prepare(
+    body: bytes, decode: Decode, wants_npy: bool, output: str | None
+) -> Callable[[LoadedEntry], Prepare[bytes]]:
+    """The request's job for the model's dispatcher, once the model is known."""
 
     def prepare(entry: LoadedEntry) -> Prepare[bytes]:
         metadata, record = entry.model.metadata, entry.record
@@ -155,8 +170,7 @@ async def _answer(
 
         return job
 
-    record, content = await server.lifecycle.infer(name, selector, prepare)
-    return str(record.version), content, _NPY_TYPE if wants_npy else _JSON_TYPE
+    return prepare
 
 
 def _query_output(query_string: bytes) -> str | None:

@@ -170,9 +170,10 @@ def test_chunked_body_over_the_limit_is_413(small_limit_client: httpx.Client) ->
 
 
 @pytest.mark.parametrize(
-    "content_type", ["text/plain", "application/x-www-form-urlencoded", "image/png"]
+    "content_type",
+    ["text/plain", "application/x-www-form-urlencoded", "image/png", b"application/\xffjson"],
 )
-def test_unsupported_content_type_is_415(client: httpx.Client, content_type: str) -> None:
+def test_unsupported_content_type_is_415(client: httpx.Client, content_type: str | bytes) -> None:
     response = client.post(
         "/models/mlp/2/predict", content=b"{}", headers={"content-type": content_type}
     )
