@@ -174,8 +174,9 @@ def test_chunked_body_over_the_limit_is_413(small_limit_client: httpx.Client) ->
     ["text/plain", "application/x-www-form-urlencoded", "image/png", b"application/\xffjson"],
 )
 def test_unsupported_content_type_is_415(client: httpx.Client, content_type: str | bytes) -> None:
+    value = content_type if isinstance(content_type, bytes) else content_type.encode()
     response = client.post(
-        "/models/mlp/2/predict", content=b"{}", headers={"content-type": content_type}
+        "/models/mlp/2/predict", content=b"{}", headers=[(b"content-type", value)]
     )
     assert error_of(response, 415)["code"] == "unsupported_media_type"
 
