@@ -13,7 +13,7 @@ import orjson
 
 from multiserve import npy
 from multiserve.errors import InvalidInput, MalformedRequest, NotAcceptable, UnsupportedMediaType
-from multiserve.types import Array, ModelMetadata, TensorSpec
+from multiserve.types import NUMPY_DTYPES, Array, ModelMetadata, TensorSpec
 
 JSON = "application/json"
 NPY = "application/x-npy"
@@ -25,6 +25,14 @@ _CASTABLE = {
     "u": "biu",
     "b": "b",
     "U": "U",
+}
+
+
+# Per tensor dtype: the numpy dtype, the source kinds that may be cast to it, and whether its
+# values need a range check (the integers).
+_TARGETS = {
+    name: (dtype, _CASTABLE.get(dtype.kind, ""), dtype.kind in "iu")
+    for name, dtype in NUMPY_DTYPES.items()
 }
 
 
@@ -94,18 +102,18 @@ def check_inputs(named: Mapping[str, object], metadata: ModelMetadata) -> dict[s
 
 def _to_array(value: object, spec: TensorSpec) -> Array:
     try:
-        array = value if isinstance(value, np.ndarray) else np.asarray(value)
+        array = value if type(value) is np.ndarray else np.asarray(value)
     except (ValueError, TypeError):
         raise InvalidInput(
             f"input {spec.name!r}: not a rectangular array (nested lists of unequal lengths?)"
         ) from None
-    target = spec.numpy_dtype
+    target, castable, integral = _TARGETS[spec.dtype]
     kind = array.dtype.kind
-    if kind not in _CASTABLE.get(target.kind, ""):
+    if kind not in castable:
         raise InvalidInput(
             f"input {spec.name!r}: expected {spec.dtype} values, got {_kind_name(array)}"
         )
-    if target.kind in "iu" and kind in "iu" and array.size:
+    if integral and kind in "iu" and array.size:
         info = np.iinfo(target)
         if array.min() < info.min or array.max() > info.max:
             raise InvalidInput(
@@ -113,10 +121,11 @@ def _to_array(value: object, spec: TensorSpec) -> Array:
                 f"[{info.min}, {info.max}]"
             )
     shape = array.shape
-    if len(shape) != len(spec.shape):
+    want = spec.shape
+    if len(shape) != len(want):
         raise _wrong_shape(spec, shape)
-    for want, got in zip(spec.shape, shape):  # noqa: B905 (lengths checked above)
-        if want != got and want != -1:
+    for dim, got in zip(want, shape):  # noqa: B905 (lengths checked above)
+        if dim != got and dim != -1:
             raise _wrong_shape(spec, shape)
     return array if target.kind == "U" else array.astype(target, copy=False)
 

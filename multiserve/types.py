@@ -36,7 +36,7 @@ DTYPES = frozenset(
     }
 )
 
-_NUMPY_DTYPES = {name: np.dtype(np.str_) if name == "string" else np.dtype(name) for name in DTYPES}
+NUMPY_DTYPES = {name: np.dtype(np.str_) if name == "string" else np.dtype(name) for name in DTYPES}
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +57,7 @@ class TensorSpec:
 
     @property
     def numpy_dtype(self) -> np.dtype[Any]:
-        return _NUMPY_DTYPES[self.dtype]
+        return NUMPY_DTYPES[self.dtype]
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
