@@ -44,6 +44,65 @@ def _get(data: Any, *path: str) -> Any:
     return data
 
 
+def _throughput_checks(
+    tp: dict[str, Any], figures: dict[str, Any], ratios: dict[str, Any], config: str
+) -> list[Check]:
+    """The section 1 targets for one multiserve configuration (default settings, or dynamic
+    batching on)."""
+    checks: list[Check] = []
+    add = checks.append
+    setting = "" if config == "multiserve" else ", max_batch_size = 16"
+    ms_json = figures[f"{config}_json"]
+    for body in ("json", "npy"):
+        r = ratios.get(f"{config}_{body}_over_floor_{body}")
+        add(
+            Check(
+                "1 throughput",
+                f"req/s, {'JSON' if body == 'json' else '.npy'} body, vs the HTTP floor{setting}",
+                ">= 0.80x",
+                f"{figures[f'{config}_{body}']['requests_per_s']:.0f} vs "
+                f"{figures[f'floor_{body}']['requests_per_s']:.0f} req/s = "
+                f"{_fmt(r, '.2f', 'x')}",
+                None if r is None else r >= 0.8,
+            )
+        )
+    for peer, label, need in (("mlserver", "MLServer", 2.0), ("litserve", "LitServe", 1.5)):
+        peer_figures = figures.get(f"{peer}_json")
+        if peer_figures is None:
+            why = _get(tp, "peers", peer, "error") or "not run"
+            add(
+                Check(
+                    "1 throughput",
+                    f"req/s vs {label}{setting}",
+                    f">= {need:.1f}x",
+                    f"not measured: {why[:120]}",
+                    None,
+                )
+            )
+            continue
+        r = ratios[f"{config}_json_over_{peer}"]
+        add(
+            Check(
+                "1 throughput",
+                f"req/s vs {label} (JSON){setting}",
+                f">= {need:.1f}x",
+                f"{ms_json['requests_per_s']:.0f} vs {peer_figures['requests_per_s']:.0f} "
+                f"req/s = {_fmt(r, '.2f', 'x')}",
+                None if r is None else r >= need,
+            )
+        )
+        add(
+            Check(
+                "1 throughput",
+                f"p99 vs {label} (JSON){setting}",
+                "no worse",
+                f"{ms_json['p99_ms']:.2f} vs {peer_figures['p99_ms']:.2f} ms",
+                ms_json["p99_ms"] <= peer_figures["p99_ms"],
+            )
+        )
+    return checks
+
+
 def _fmt(value: Any, spec: str, suffix: str = "") -> str:
     if value is None:
         return "not measured"
@@ -58,54 +117,9 @@ def targets(results: dict[str, Any]) -> list[Check]:
     tp = sections.get("throughput")
     if isinstance(tp, dict) and "figures" in tp:
         figures, ratios = tp["figures"], tp["ratios"]
-        ms_json = figures["multiserve_json"]
-        for body in ("json", "npy"):
-            r = ratios.get(f"multiserve_{body}_over_floor_{body}")
-            add(
-                Check(
-                    "1 throughput",
-                    f"req/s, {'JSON' if body == 'json' else '.npy'} body, vs the HTTP floor",
-                    ">= 0.80x",
-                    f"{figures[f'multiserve_{body}']['requests_per_s']:.0f} vs "
-                    f"{figures[f'floor_{body}']['requests_per_s']:.0f} req/s = "
-                    f"{_fmt(r, '.2f', 'x')}",
-                    None if r is None else r >= 0.8,
-                )
-            )
-        for peer, label, need in (("mlserver", "MLServer", 2.0), ("litserve", "LitServe", 1.5)):
-            peer_figures = figures.get(f"{peer}_json")
-            if peer_figures is None:
-                why = _get(tp, "peers", peer, "error") or "not run"
-                add(
-                    Check(
-                        "1 throughput",
-                        f"req/s vs {label}",
-                        f">= {need:.1f}x",
-                        f"not measured: {why[:120]}",
-                        None,
-                    )
-                )
-                continue
-            r = ratios[f"multiserve_json_over_{peer}"]
-            add(
-                Check(
-                    "1 throughput",
-                    f"req/s vs {label} (JSON)",
-                    f">= {need:.1f}x",
-                    f"{ms_json['requests_per_s']:.0f} vs {peer_figures['requests_per_s']:.0f} "
-                    f"req/s = {_fmt(r, '.2f', 'x')}",
-                    None if r is None else r >= need,
-                )
-            )
-            add(
-                Check(
-                    "1 throughput",
-                    f"p99 vs {label} (JSON)",
-                    "no worse",
-                    f"{ms_json['p99_ms']:.2f} vs {peer_figures['p99_ms']:.2f} ms",
-                    ms_json["p99_ms"] <= peer_figures["p99_ms"],
-                )
-            )
+        for config in ("multiserve", "multiserve_batched"):
+            if f"{config}_json" in figures:
+                checks += _throughput_checks(tp, figures, ratios, config)
 
     hs = sections.get("hotswap")
     if isinstance(hs, dict):

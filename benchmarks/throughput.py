@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,6 +46,11 @@ MODEL = "mlp"
 OUTPUT = "probabilities"
 PREDICT_PATH = f"/models/{MODEL}/1/predict"
 FLOOR_SCRIPT = REPO_ROOT / "benchmarks" / "floor.py"
+# Dynamic batching for the second multiserve configuration: at most as many rows as there are
+# connections, so that a batch is whatever the clients sent while the previous call ran.
+BATCH_ROWS = 16
+# The multiserve configurations measured: default settings, and dynamic batching.
+CONFIGS = ("multiserve", "multiserve_batched")
 
 # (status, body, input index) -> None, or AssertionError
 Check = Callable[[int, bytes, int], None]
@@ -74,6 +80,14 @@ def run(ctx: Context) -> dict[str, Any]:
     multiserve = start_multiserve(ctx, repository)
     json_size = _check_all(multiserve, json_load, _json_check(expected, "model_version"))
     npy_size = _check_all(multiserve, npy_load, _npy_check(expected))
+    # The same model with dynamic batching turned on in its config.toml, as a user serving a
+    # small model to many clients would: requests waiting together share one model call.
+    batched_repository = root / "models-batched"
+    shutil.copytree(repository, batched_repository)
+    (batched_repository / MODEL / "config.toml").write_text(f"max_batch_size = {BATCH_ROWS}\n")
+    batched = start_multiserve(ctx, batched_repository, name="multiserve-batched")
+    _check_all(batched, json_load, _json_check(expected, "model_version"))
+    _check_all(batched, npy_load, _npy_check(expected))
 
     ctx.log("throughput: starting the HTTP floor")
     floor_port = free_port()
@@ -91,6 +105,18 @@ def run(ctx: Context) -> dict[str, Any]:
         Target("floor_npy", "HTTP floor, .npy-sized answer", floor, npy_load),
         Target("multiserve_json", "multiserve, JSON body", multiserve, json_load),
         Target("multiserve_npy", "multiserve, .npy body", multiserve, npy_load),
+        Target(
+            "multiserve_batched_json",
+            f"multiserve, max_batch_size = {BATCH_ROWS}, JSON body",
+            batched,
+            json_load,
+        ),
+        Target(
+            "multiserve_batched_npy",
+            f"multiserve, max_batch_size = {BATCH_ROWS}, .npy body",
+            batched,
+            npy_load,
+        ),
     ]
     peer_records: dict[str, Any] = {}
     for peer_target, record in (
@@ -142,24 +168,22 @@ def run(ctx: Context) -> dict[str, Any]:
         }
         for t in targets
     }
-    ms_json = figures["multiserve_json"]
-    ms_npy = figures["multiserve_npy"]
-    ratios = {
-        "multiserve_json_over_floor_json": ratio(
-            ms_json["requests_per_s"], figures["floor_json"]["requests_per_s"]
-        ),
-        "multiserve_npy_over_floor_npy": ratio(
-            ms_npy["requests_per_s"], figures["floor_npy"]["requests_per_s"]
-        ),
-    }
-    for peer in ("mlserver", "litserve"):
-        if f"{peer}_json" in figures:
-            ratios[f"multiserve_json_over_{peer}"] = ratio(
-                ms_json["requests_per_s"], figures[f"{peer}_json"]["requests_per_s"]
+    ratios = {}
+    for config in CONFIGS:
+        for body in ("json", "npy"):
+            ratios[f"{config}_{body}_over_floor_{body}"] = ratio(
+                figures[f"{config}_{body}"]["requests_per_s"],
+                figures[f"floor_{body}"]["requests_per_s"],
             )
-            ratios[f"multiserve_json_p99_over_{peer}_p99"] = ratio(
-                ms_json["p99_ms"], figures[f"{peer}_json"]["p99_ms"]
-            )
+        ms_json = figures[f"{config}_json"]
+        for peer in ("mlserver", "litserve"):
+            if f"{peer}_json" in figures:
+                ratios[f"{config}_json_over_{peer}"] = ratio(
+                    ms_json["requests_per_s"], figures[f"{peer}_json"]["requests_per_s"]
+                )
+                ratios[f"{config}_json_p99_over_{peer}_p99"] = ratio(
+                    ms_json["p99_ms"], figures[f"{peer}_json"]["p99_ms"]
+                )
     return {
         "settings": {
             "model": f"examples.make_models.write_mlp_onnx(seed=2): x float32 [1, 4] -> "
@@ -178,6 +202,8 @@ def run(ctx: Context) -> dict[str, Any]:
             "multiserve_command": display_argv(
                 multiserve.argv, {str(repository): "MODELS", str(model_path): "MODEL"}
             ),
+            "multiserve_batched": f"the same command on a copy of MODELS whose "
+            f"{MODEL}/config.toml sets max_batch_size = {BATCH_ROWS}",
             "floor_command": display_argv(floor.argv, {str(FLOOR_SCRIPT): "benchmarks/floor.py"}),
         },
         "peers": peer_records,
