@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/dispatch_cost.py [--rounds 3] [--seconds 5]
 
-One uvicorn process (the same defaults as multiserve) serves five POST routes, and multiserve
+One uvicorn process (the same defaults as multiserve) serves eight POST routes, and multiserve
 serves the same small MLP beside it; wrk (``-t2 -c16``) drives each in turns, the other server
 paused:
 
@@ -10,10 +10,19 @@ paused:
 - ``hop``: the floor plus one ``anyio.to_thread.run_sync`` of a function that does nothing;
 - ``inline``: starlette route that decodes the JSON (orjson), runs onnxruntime and encodes the
   answer on the event loop;
-- ``threaded``: the same work in ``anyio.to_thread.run_sync``, as multiserve does it;
+- ``threaded``: the same work in ``anyio.to_thread.run_sync``, as multiserve did before its
+  per-model dispatchers;
 - ``raw_inline``: the same work in a bare ASGI callable in front of starlette (no Request, no
   middleware, no router);
-- ``multiserve``: ``POST /models/mlp/1/predict``.
+- ``raw_executor``: the bare callable handing the work to the event loop's default executor,
+  one thread hop per request;
+- ``raw_drain``: the bare callable queueing the work for one worker thread that takes every
+  job waiting at once and hands the answers back in one ``call_soon_threadsafe`` (what
+  multiserve's dispatcher does with default settings);
+- ``raw_batched``: the same, with the waiting jobs' inputs stacked into one ``session.run``
+  (what multiserve's dispatcher does with ``max_batch_size`` > 1);
+- ``multiserve``: ``POST /models/mlp/1/predict``, default settings;
+- ``multiserve_batched``: the same with ``max_batch_size = 16`` in the model's config.toml.
 
 Prints req/s and p99 per route (medians of the rounds) and writes
 ``benchmarks/results/dispatch_cost.json``.
@@ -22,6 +31,7 @@ Prints req/s and p99 per route (medians of the rounds) and writes
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
@@ -206,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         serve(args.serve, args.model)
         return 0
 
-    deadline = Deadline(120 + args.rounds * 6 * (args.seconds + 2))
+    deadline = Deadline(120 + args.rounds * (len(ROUTES) + 2) * (args.seconds + 2))
     with tempfile.TemporaryDirectory(prefix="multiserve-dispatch-") as workdir:
         root = Path(workdir) / "models"
         model = models.write_mlp(root / "mlp" / "1" / "model.onnx")
@@ -222,19 +232,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             "/readyz",
             deadline,
         )
-        port = free_port()
-        server = start_server(
-            "multiserve", multiserve_argv(root, port), port, Path(workdir), "/readyz", deadline
-        )
+        batched_root = Path(workdir) / "models-batched"
+        shutil.copytree(root, batched_root)
+        (batched_root / "mlp" / "config.toml").write_text("max_batch_size = 16\n")
+        servers = [apps]
+        targets = [(name, apps, f"/{name}") for name in ROUTES]
         try:
-            wait_until_ok(port, "/models/mlp/1/predict", bodies[0], JSON_HEADERS, 30, server)
-            targets = [(name, apps, f"/{name}") for name in ROUTES]
-            targets.append(("multiserve", server, "/models/mlp/1/predict"))
+            for name, repository in (("multiserve", root), ("multiserve_batched", batched_root)):
+                port = free_port()
+                argv = multiserve_argv(repository, port)
+                server = start_server(name, argv, port, Path(workdir), "/readyz", deadline)
+                servers.append(server)
+                wait_until_ok(port, "/models/mlp/1/predict", bodies[0], JSON_HEADERS, 30, server)
+                targets.append((name, server, "/models/mlp/1/predict"))
             runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in targets}
             for _ in range(args.rounds):
                 for name, target, path in targets:
                     deadline.check("timing the dispatch steps")
-                    with only_running(target, [apps, server]):
+                    with only_running(target, servers):
                         result = wrk.run(
                             target.port,
                             wrk.Load(path, bodies, JSON_HEADERS),
@@ -244,8 +259,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         )
                     runs[name].append(result.summary())
         finally:
-            apps.stop()
-            server.stop()
+            for started in servers:
+                started.stop()
 
     floor_rps = median([r["requests_per_s"] for r in runs["floor"]])
     figures = {
@@ -268,10 +283,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             "figures": figures,
         },
     )
-    print(f"{'route':<12}{'req/s':>9}{'p99 ms':>9}{'x floor':>9}")
+    print(f"{'route':<20}{'req/s':>9}{'p99 ms':>9}{'x floor':>9}")
     for name, figure in figures.items():
         print(
-            f"{name:<12}{figure['requests_per_s']:>9.0f}{figure['p99_ms']:>9.1f}"
+            f"{name:<20}{figure['requests_per_s']:>9.0f}{figure['p99_ms']:>9.1f}"
             f"{figure['over_floor']:>9.2f}"
         )
     print(f"wrote {display_path(args.output)}")
