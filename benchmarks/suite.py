@@ -66,8 +66,8 @@ class Plan:
     def full(cls) -> Plan:
         return cls(
             name="full",
-            rounds=3,
-            run_s=10,
+            rounds=5,
+            run_s=6,
             warmup_s=3,
             connections=16,
             wrk_threads=2,

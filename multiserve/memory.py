@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import gc
 import os
 from collections.abc import Callable
 from typing import cast
@@ -38,8 +37,12 @@ _malloc_trim = _load_malloc_trim()
 
 
 def release_freed_memory() -> None:
-    """Collect garbage and ask glibc to return free heap pages to the OS. Without the trim,
-    memory freed by a closed model stays in the process's heap and RSS never shrinks."""
-    gc.collect()
+    """Ask glibc to return free heap pages to the OS. Without the trim, memory freed by a
+    closed model stays in the process's heap and RSS never shrinks.
+
+    No ``gc.collect()`` here: a model's weights are freed by its ``close()``, which drops the
+    runtime's session or module, not by the garbage collector; and a full collection holds
+    the GIL for tens of milliseconds with a runtime imported, which stalled every request in
+    flight at each hot swap (``benchmarks/README.md``). The trim runs without the GIL."""
     if _malloc_trim is not None:
         _malloc_trim(0)
