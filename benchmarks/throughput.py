@@ -14,6 +14,7 @@ import json
 import shutil
 import sys
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,8 +87,13 @@ def run(ctx: Context) -> dict[str, Any]:
     shutil.copytree(repository, batched_repository)
     (batched_repository / MODEL / "config.toml").write_text(f"max_batch_size = {BATCH_ROWS}\n")
     batched = start_multiserve(ctx, batched_repository, name="multiserve-batched")
-    _check_all(batched, json_load, _json_check(expected, "model_version"))
-    _check_all(batched, npy_load, _npy_check(expected))
+    for check_load, check in (
+        (json_load, _json_check(expected, "model_version")),
+        (npy_load, _npy_check(expected)),
+    ):
+        _check_all(batched, check_load, check)
+        # Answers of requests that shared a call must be those of one-by-one runs too.
+        _check_concurrently(batched, check_load, check, plan.connections)
 
     ctx.log("throughput: starting the HTTP floor")
     floor_port = free_port()
@@ -235,6 +241,22 @@ def _check_all(server: ServerProcess, load: wrk.Load, check: Check) -> int:
             raise BenchmarkError(f"{server.name} answered wrongly: {exc}") from exc
         sizes.append(len(answer.body))
     return int(np.median(sizes))
+
+
+def _check_concurrently(server: ServerProcess, load: wrk.Load, check: Check, clients: int) -> None:
+    """Send every body of ``load`` from ``clients`` threads at once, four times over, and check
+    each answer (a batching server answers many of them from shared calls)."""
+
+    def ask(index: int) -> None:
+        answer = call(server.port, "POST", load.path, load.bodies[index], load.headers)
+        try:
+            check(answer.status, answer.body, index)
+        except AssertionError as exc:
+            raise BenchmarkError(f"{server.name} answered wrongly under load: {exc}") from exc
+
+    indices = [i % len(load.bodies) for i in range(4 * len(load.bodies))]
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(ask, indices))
 
 
 def _json_check(expected: list[np.ndarray[Any, Any]], version_key: str | None) -> Check:

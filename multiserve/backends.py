@@ -45,6 +45,11 @@ class BackendRegistry:
     def names(self) -> list[str]:
         return sorted(self._entry_points)
 
+    def imported(self) -> list[str]:
+        """The backends imported so far."""
+        with self._lock:
+            return sorted(self._backends)
+
     def get(self, name: str) -> Backend:
         with self._lock:
             backend = self._backends.get(name)

@@ -12,6 +12,7 @@ import pytest
 
 from multiserve.backends import BackendRegistry
 from tests.conftest import StartServer
+from tests.helpers import wait_for
 from tests.npz_backend import NpzBackend, write_npz_model
 
 
@@ -20,6 +21,16 @@ def test_healthz_and_readyz(client: httpx.Client) -> None:
     ready = client.get("/readyz")
     assert ready.status_code == 200
     assert ready.json() == {"status": "ready"}
+
+
+def test_ready_means_the_models_backends_are_imported(
+    start_server: StartServer, example_models: Path
+) -> None:
+    server = start_server(example_models)
+    with server.client() as client:
+        wait_for(lambda: client.get("/readyz").status_code == 200, 60, "readiness")
+    # No model's first request pays for importing its runtime.
+    assert server.model_server.registry.imported() == ["onnx", "torch"]
 
 
 def test_listing_shows_every_model_version_state_and_latest(client: httpx.Client) -> None:
