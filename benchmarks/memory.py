@@ -32,7 +32,10 @@ CYCLE_MODELS = 10
 # Headroom over ten models' file sizes: a model's cost in the cache is the larger of its files
 # and what RSS grew by while it loaded.
 BUDGET_FACTOR = 1.25
-CLOSE_SETTLE_S = 0.3
+# After an evict, the session closes in a worker thread: RSS is read once `closing` in
+# GET /admin/cache is 0 (the close finished), then after this long for the trim to land.
+CLOSE_SETTLE_S = 0.05
+CLOSE_TIMEOUT_S = 10.0
 
 
 def run(ctx: Context) -> dict[str, Any]:
@@ -159,7 +162,7 @@ def _cycles(ctx: Context, port: int, names: list[str], rss: Any) -> dict[str, An
     names, refused = _loadable(port, names, CYCLE_MODELS)
     if not names:
         raise BenchmarkError(f"no model would load for the load/evict cycles: {refused}")
-    time.sleep(CLOSE_SETTLE_S)
+    _wait_closed(port)
     points: list[tuple[int, float]] = [(0, rss() / MIB)]
     failures: dict[str, int] = {}
     examples: dict[str, str] = {}
@@ -173,7 +176,7 @@ def _cycles(ctx: Context, port: int, names: list[str], rss: Any) -> dict[str, An
                 failures[key] = failures.get(key, 0) + 1
                 examples.setdefault(key, f"{name}: {answer.body[:300].decode(errors='replace')}")
         if cycle % every == 0 or cycle == total:
-            time.sleep(CLOSE_SETTLE_S)  # the evicted session closes in a worker thread
+            _wait_closed(port)
             points.append((cycle, rss() / MIB))
             ctx.deadline.check("load/evict cycles")
     seconds = time.monotonic() - started
@@ -213,6 +216,14 @@ def _cycles(ctx: Context, port: int, names: list[str], rss: Any) -> dict[str, An
             max(mib for _, mib in warm) - min(mib for _, mib in warm), 1
         ),
     }
+
+
+def _wait_closed(port: int) -> None:
+    """Until no evicted model is still closing (its memory released), then CLOSE_SETTLE_S."""
+    give_up = time.monotonic() + CLOSE_TIMEOUT_S
+    while admin_cache(port)["stats"]["closing"] and time.monotonic() < give_up:
+        time.sleep(0.02)
+    time.sleep(CLOSE_SETTLE_S)
 
 
 def _series(samples: list[tuple[float, int]]) -> list[list[float]]:

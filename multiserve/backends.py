@@ -11,6 +11,7 @@ from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 
 from multiserve.errors import BackendNotInstalled, ModelLoadFailed
+from multiserve.memory import freeze_long_lived
 from multiserve.types import Backend
 
 ENTRY_POINT_GROUP = "multiserve.backends"
@@ -73,6 +74,9 @@ class BackendRegistry:
                     f"{entry_point.value} does not implement the Backend protocol"
                 )
             self._backends[name] = backend
+            # A runtime's modules live as long as the process: keep them out of every
+            # garbage collection from now on (see multiserve.memory).
+            freeze_long_lived()
             return backend
 
     def detect(self, version_dir: Path, filenames: Iterable[str]) -> tuple[str, str] | None:

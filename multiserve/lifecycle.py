@@ -642,6 +642,11 @@ class Lifecycle:
             self.evictions += 1
             self.observer.evicted(entry.record.name, reason)
 
+    @property
+    def closing(self) -> int:
+        """Versions out of the cache whose close has not finished: memory not yet released."""
+        return len(self._closing)
+
     def _retire_entry(self, entry: LoadedEntry) -> None:
         if entry.retiring:
             return

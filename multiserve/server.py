@@ -24,6 +24,7 @@ from multiserve.errors import (
     VersionNotFound,
 )
 from multiserve.lifecycle import Lifecycle, LoadedEntry
+from multiserve.memory import freeze_long_lived
 from multiserve.metrics import Metrics
 from multiserve.repository.bucket import BucketOptions, BucketRepository, is_bucket_url
 from multiserve.repository.disk_cache import DiskCache
@@ -169,14 +170,14 @@ class ModelServer:
         names = sorted(
             {r.backend for r in self.lifecycle.catalog.records() if r.backend is not None}
         )
-        if not names:
-            return
-        self.not_ready_reason = f"importing the backends the models need: {', '.join(names)}"
+        if names:
+            self.not_ready_reason = f"importing the backends the models need: {', '.join(names)}"
         for name in names:
             try:
                 await run_sync(self.registry.get, name)
             except MultiserveError:
                 continue
+        freeze_long_lived()
 
     def _scan_failed(self, exc: Exception, failures: int) -> None:
         reason = f"the model repository cannot be read: {type(exc).__name__}: {exc}"

@@ -2,8 +2,9 @@
 ``model.npz`` (a weight matrix) as ``y = x @ weights``. Tests register it through a
 `BackendRegistry` entry point, which also exercises the plug-in path.
 
-Options: ``load_delay_s`` and ``predict_delay_s`` make loads and predictions slow, to widen
-race windows; predicting on an input that contains NaN raises, like a model bug would.
+Options: ``load_delay_s``, ``predict_delay_s`` and ``close_delay_s`` make loads, predictions
+and closes slow, to widen race windows; predicting on an input that contains NaN raises, like
+a model bug would.
 """
 
 from __future__ import annotations
@@ -45,13 +46,18 @@ class NpzBackend:
         time.sleep(float(options.get("load_delay_s", 0)))
         with np.load(version_dir / "model.npz") as data:
             weights = data["weights"]
-        return NpzModel(weights, float(options.get("predict_delay_s", 0)))
+        return NpzModel(
+            weights,
+            float(options.get("predict_delay_s", 0)),
+            float(options.get("close_delay_s", 0)),
+        )
 
 
 class NpzModel:
-    def __init__(self, weights: Array, predict_delay_s: float) -> None:
+    def __init__(self, weights: Array, predict_delay_s: float, close_delay_s: float = 0) -> None:
         self.weights = weights
         self.predict_delay_s = predict_delay_s
+        self.close_delay_s = close_delay_s
         rows, cols = weights.shape
         self.metadata = ModelMetadata(
             inputs=(TensorSpec("x", "float32", (-1, rows)),),
@@ -68,4 +74,5 @@ class NpzModel:
         return {"y": x @ self.weights}
 
     def close(self) -> None:
+        time.sleep(self.close_delay_s)
         self.closed = True

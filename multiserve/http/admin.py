@@ -60,6 +60,7 @@ async def cache(request: Request) -> Response:
                 "load_failures": lifecycle.load_failures,
                 "evictions": lifecycle.evictions,
                 "swaps": lifecycle.swaps,
+                "closing": lifecycle.closing,
             },
         }
     )

@@ -163,6 +163,23 @@ def test_admin_cache_shows_entries_totals_budget_and_stats(
         assert [e["name"] for e in third["entries"]] == ["adder"]
 
 
+def test_admin_cache_counts_evicted_versions_still_closing(
+    start_server: StartServer, tmp_path: Path, npz_registry: BackendRegistry
+) -> None:
+    write_npz_model(tmp_path / "slow" / "1", np.eye(3, dtype=np.float32))
+    (tmp_path / "slow" / "config.toml").write_text("close_delay_s = 1.0\n")
+    server = start_server(tmp_path, npz_registry)
+    with admin_client(server) as client:
+        assert client.post("/admin/models/slow/1/load").status_code == 200
+        assert cache_of(client)["stats"]["closing"] == 0
+        assert client.post("/admin/models/slow/1/evict").status_code == 200
+        # Out of the cache at once; its memory is released only when the close finishes.
+        evicted = cache_of(client)
+        assert evicted["entries"] == []
+        assert evicted["stats"]["closing"] == 1
+        wait_for(lambda: cache_of(client)["stats"]["closing"] == 0, 10, "the close to finish")
+
+
 def test_admin_load_answers_once_the_version_is_ready(
     start_server: StartServer, tmp_path: Path, npz_registry: BackendRegistry
 ) -> None:
