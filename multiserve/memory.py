@@ -51,8 +51,9 @@ def release_freed_memory() -> None:
 
 
 def freeze_long_lived() -> None:
-    """Move every object alive now out of the garbage collector's reach (`gc.freeze`): call
-    once the server's and its runtimes' modules are imported. They live as long as the
+    """Move every object alive now out of the garbage collector's reach (`gc.freeze`): the
+    backend registry calls it after importing a runtime, which freezes the server's modules
+    and the runtime's. They live as long as the
     process, so collecting never frees them, and leaving them out makes a full collection
     cost microseconds instead of a tenth of a second. Reference counting still frees them."""
     gc.freeze()

@@ -77,7 +77,7 @@ class Metrics:
         self._requests: dict[tuple[str, str, int, str, str], list[float]] = {}
         self.in_flight = 0  # HTTP requests being served now (changed on the event loop only)
         self._known: Callable[[str], bool] = lambda model: False
-        self.inference_duration = _Histograms(
+        self.inference_duration = _Sums(
             "multiserve_inference_duration_seconds",
             "Time inside the model's predict, by model and version.",
             ("model", "version"),
@@ -142,10 +142,8 @@ class Metrics:
         key = (route, method, status, model, version)
         record = self._requests.get(key)
         if record is None:
-            record = self._requests[key] = [0.0] * (len(_LATENCY_BUCKETS) + 2)
-        # Prometheus buckets are "less than or equal": the first bound >= the value.
-        record[bisect_left(_LATENCY_BUCKETS, seconds)] += 1
-        record[-1] += seconds
+            record = self._requests[key] = _new_record()
+        _observe(record, seconds)
 
     def watch(self, server: ModelServer) -> None:
         """Report the server's cache and catalog at each scrape, and label predictions only by
@@ -214,29 +212,6 @@ class _ServerCollector(Collector):
 _BUCKET_BOUNDS = (*(repr(float(bound)) for bound in _LATENCY_BUCKETS), "+Inf")
 
 
-class _Histograms:
-    """A histogram family over `_LATENCY_BUCKETS`: per tuple of label values, a count per
-    bucket (not cumulative; summed at scrape) and the sum of the observations."""
-
-    def __init__(self, name: str, documentation: str, labels: tuple[str, ...]) -> None:
-        self.name, self.documentation, self.labels = name, documentation, labels
-        self.series: dict[tuple[str, ...], tuple[list[int], list[float]]] = {}
-
-    def observe(self, labels: tuple[str, ...], seconds: float) -> None:
-        found = self.series.get(labels)
-        if found is None:
-            found = self.series[labels] = ([0] * (len(_LATENCY_BUCKETS) + 1), [0.0])
-        # Prometheus buckets are "less than or equal": the first bound >= the value.
-        found[0][bisect_left(_LATENCY_BUCKETS, seconds)] += 1
-        found[1][0] += seconds
-
-    def family(self) -> HistogramMetricFamily:
-        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labels)
-        for labels, (counts, total) in list(self.series.items()):
-            family.add_metric(labels, _cumulative(list(counts)), total[0])
-        return family
-
-
 class _RequestCollector(Collector):
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
@@ -280,16 +255,23 @@ class _RequestCollector(Collector):
         yield predictions.counter()
         yield prediction_duration.histogram()
         with metrics._inference_lock:
-            inference = metrics.inference_duration.family()
+            inference = metrics.inference_duration.histogram()
         yield inference
 
 
 class _Sums:
-    """Request records (a count per bucket, then the sum of seconds) summed by some labels."""
+    """A family of latency records (`_new_record`) by some labels: observed one by one, or
+    summed from finer records; exported as a counter of observations or as a histogram."""
 
     def __init__(self, name: str, documentation: str, labels: tuple[str, ...]) -> None:
         self.name, self.documentation, self.labels = name, documentation, labels
         self.sums: dict[tuple[str, ...], list[float]] = {}
+
+    def observe(self, labels: tuple[str, ...], seconds: float) -> None:
+        record = self.sums.get(labels)
+        if record is None:
+            record = self.sums[labels] = _new_record()
+        _observe(record, seconds)
 
     def add(self, labels: tuple[str, ...], record: list[float]) -> None:
         found = self.sums.get(labels)
@@ -301,15 +283,27 @@ class _Sums:
 
     def counter(self) -> CounterMetricFamily:
         family = CounterMetricFamily(self.name, self.documentation, labels=self.labels)
-        for labels, record in self.sums.items():
+        for labels, record in list(self.sums.items()):
             family.add_metric(labels, sum(record[:-1]))
         return family
 
     def histogram(self) -> HistogramMetricFamily:
         family = HistogramMetricFamily(self.name, self.documentation, labels=self.labels)
-        for labels, record in self.sums.items():
+        for labels, record in list(self.sums.items()):
             family.add_metric(labels, _cumulative(record[:-1]), record[-1])
         return family
+
+
+def _new_record() -> list[float]:
+    """A latency record: a count per bucket of `_LATENCY_BUCKETS` and one past the last (not
+    cumulative; summed at scrape), then the sum of the seconds observed."""
+    return [0.0] * (len(_LATENCY_BUCKETS) + 2)
+
+
+def _observe(record: list[float], seconds: float) -> None:
+    # Prometheus buckets are "less than or equal": the first bound >= the value.
+    record[bisect_left(_LATENCY_BUCKETS, seconds)] += 1
+    record[-1] += seconds
 
 
 def _cumulative(counts: Sequence[float]) -> list[tuple[str, float]]:

@@ -24,7 +24,6 @@ from multiserve.errors import (
     VersionNotFound,
 )
 from multiserve.lifecycle import Lifecycle, LoadedEntry
-from multiserve.memory import freeze_long_lived
 from multiserve.metrics import Metrics
 from multiserve.repository.bucket import BucketOptions, BucketRepository, is_bucket_url
 from multiserve.repository.disk_cache import DiskCache
@@ -177,7 +176,6 @@ class ModelServer:
                 await run_sync(self.registry.get, name)
             except MultiserveError:
                 continue
-        freeze_long_lived()
 
     def _scan_failed(self, exc: Exception, failures: int) -> None:
         reason = f"the model repository cannot be read: {type(exc).__name__}: {exc}"
