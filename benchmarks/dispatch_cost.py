@@ -47,11 +47,9 @@ from benchmarks.harness import (
     Deadline,
     display_path,
     free_port,
-    git_revision,
-    machine_info,
     median,
-    now_iso,
     only_running,
+    result_header,
     start_server,
     write_json,
 )
@@ -275,10 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_json(
         args.output,
         {
-            "benchmark": "benchmarks/dispatch_cost.py",
-            "timestamp": now_iso(),
-            "revision": git_revision(),
-            "machine": machine_info(),
+            **result_header("benchmarks/dispatch_cost.py"),
             "settings": {"rounds": args.rounds, "seconds": args.seconds, "wrk": "-t2 -c16"},
             "figures": figures,
         },

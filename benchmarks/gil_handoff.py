@@ -38,9 +38,7 @@ from benchmarks import models
 from benchmarks.harness import (
     RESULTS_DIR,
     display_path,
-    git_revision,
-    machine_info,
-    now_iso,
+    result_header,
     write_json,
 )
 
@@ -110,10 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_json(
         args.output,
         {
-            "benchmark": "benchmarks/gil_handoff.py",
-            "timestamp": now_iso(),
-            "revision": git_revision(),
-            "machine": machine_info(),
+            **result_header("benchmarks/gil_handoff.py"),
             "python": sys.version.split()[0],
             "switch_interval_s": sys.getswitchinterval(),
             "onnxruntime": ort.__version__,

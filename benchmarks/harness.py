@@ -342,6 +342,16 @@ def now_iso() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
+def result_header(benchmark: str) -> dict[str, Any]:
+    """What every results file starts with: which script, when, at which revision, where."""
+    return {
+        "benchmark": benchmark,
+        "timestamp": now_iso(),
+        "revision": git_revision(),
+        "machine": machine_info(),
+    }
+
+
 def write_json(path: Path, payload: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     # Written beside the target and renamed, so an interrupted run never leaves half a file.
