@@ -2,14 +2,35 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.conftest import ADMIN_TOKEN
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+# The npm packages .ci/system-deps installs.
+NODE_BIN = Path(__file__).resolve().parent.parent / ".ci" / "node_modules" / ".bin"
+
+
+def require_tool(name: str) -> str:
+    """The path of a system program a test drives (a router, a browser, an emulator).
+
+    Missing, the test is skipped with the command that installs it, except in CI
+    (``MULTISERVE_CI=1``, set by ``.ci/run`` after it installed them), where it fails.
+    """
+    path = shutil.which(name) or shutil.which(name, path=str(NODE_BIN))
+    if path is not None:
+        return path
+    message = f"{name} is not installed: run `bash .ci/system-deps` (as root)"
+    if os.environ.get("MULTISERVE_CI") == "1":
+        pytest.fail(message)
+    pytest.skip(message)
 
 
 def error_of(response: httpx.Response, status: int) -> dict[str, str]:
