@@ -105,7 +105,7 @@ def from_binary(chunk: bytes, datatype: str, count: int, name: str) -> Array:
         dtype = np.dtype(DATATYPES[datatype]).newbyteorder("<")
         if len(chunk) != count * dtype.itemsize:
             raise InvalidInput(
-                f"input {name!r}: binary_data_size {len(chunk)} does not hold {count} {datatype}"
+                f"input {name!r}: {len(chunk)} bytes of binary data do not hold {count} {datatype}"
             )
         array = np.frombuffer(chunk, dtype=dtype).astype(dtype.newbyteorder("="))
     check_count(name, array.size, count)

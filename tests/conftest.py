@@ -59,9 +59,8 @@ class RunningServer:
             settings = dataclasses.replace(settings, grpc_port=free_port())
         self.grpc_target = f"127.0.0.1:{settings.grpc_port}"
         self.model_server = ModelServer(settings, registry)
-        config = uvicorn.Config(
-            create_app(self.model_server), log_config=None, lifespan="on", access_log=False
-        )
+        self.app = create_app(self.model_server)
+        config = uvicorn.Config(self.app, log_config=None, lifespan="on", access_log=False)
         self._uvicorn = uvicorn.Server(config)
         self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._socket.bind(("127.0.0.1", 0))
