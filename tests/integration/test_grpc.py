@@ -4,6 +4,7 @@ face answers to the same request."""
 
 from __future__ import annotations
 
+import functools
 import queue
 import signal
 import socket
@@ -11,7 +12,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -74,12 +76,20 @@ def raw_input(name: str, array: np.ndarray, datatype: str) -> tg.InferInput:
     return tensor
 
 
-def status_of(call: Any) -> grpc.RpcError:
+@dataclass
+class Status:
+    code: grpc.StatusCode
+    details: str
+    trailers: dict[str, str]
+
+
+def status_of(call: Callable[[], object]) -> Status:
     with pytest.raises(grpc.RpcError) as caught:
         call()
-    error: grpc.RpcError = caught.value
-    assert "Traceback" not in error.details()  # type: ignore[attr-defined]
-    return error
+    error: Any = caught.value  # a grpc.Call too
+    status = Status(error.code(), error.details(), dict(error.trailing_metadata() or ()))
+    assert "Traceback" not in status.details
+    return status
 
 
 def http_error(server: RunningServer, method: str, path: str, **kwargs: Any) -> tuple[int, str]:
@@ -258,31 +268,31 @@ def test_malformed_messages_are_invalid_argument(
     stub: pb_grpc.GRPCInferenceServiceStub, shared: RunningServer
 ) -> None:
     with grpc.insecure_channel(shared.grpc_target) as channel:
-        raw_call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        raw_call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer", None, None)
         error = status_of(lambda: raw_call(b"\xff\xff\xff"))
-    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
-    assert "not a ModelInferRequest" in error.details()  # type: ignore[attr-defined]
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a ModelInferRequest" in error.details
 
     request = pb.ModelInferRequest(model_name="mlp")
     request.inputs.add(name="x", datatype="FP32", shape=[1, 4])
     request.inputs.add(name="y", datatype="FP32", shape=[1, 4])
     request.raw_input_contents.append(X[:1].tobytes())
     error = status_of(lambda: stub.ModelInfer(request))
-    assert error.details() == "raw_input_contents has 1 entries for 2 inputs"  # type: ignore[attr-defined]
+    assert error.details == "raw_input_contents has 1 entries for 2 inputs"
 
     request = pb.ModelInferRequest(model_name="mlp")
     request.inputs.add(name="x", datatype="FP32", shape=[1, 4]).contents.int64_contents.extend(
         [1, 2, 3, 4]
     )
     error = status_of(lambda: stub.ModelInfer(request))
-    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
-    assert "FP32 values go in contents.fp32_contents" in error.details()  # type: ignore[attr-defined]
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "FP32 values go in contents.fp32_contents" in error.details
 
     request = pb.ModelInferRequest(model_name="mlp")
     request.inputs.add(name="x", datatype="FP32", shape=[1, 4])
     request.raw_input_contents.append(X[:1, :2].tobytes())
     error = status_of(lambda: stub.ModelInfer(request))
-    assert "8 bytes of binary data do not hold 4 FP32" in error.details()  # type: ignore[attr-defined]
+    assert "8 bytes of binary data do not hold 4 FP32" in error.details
 
 
 @pytest.fixture
@@ -351,9 +361,9 @@ def test_every_error_status_with_the_http_faces_message(troubled: Any) -> None:
                     "inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1] * 4}]
                 },
             )
-            assert error.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
-            assert error.details() == response.json()["error"]  # type: ignore[attr-defined]
-            trailers = dict(error.trailing_metadata())  # type: ignore[attr-defined]
+            assert error.code == grpc.StatusCode.UNAVAILABLE
+            assert error.details == response.json()["error"]
+            trailers = error.trailers
             assert trailers["retry-after"] == response.headers["retry-after"] == "1"
             assert trailers["grpc-retry-pushback-ms"] == "1000"
 
@@ -363,8 +373,8 @@ def test_every_error_status_with_the_http_faces_message(troubled: Any) -> None:
             request.inputs.add(name="x", datatype="FP32", shape=[1, 20_000])
             request.raw_input_contents.append(big.tobytes())
             error = status_of(lambda: stub.ModelInfer(request))
-            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
-            assert "65536" in error.details()  # type: ignore[attr-defined]
+            assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "65536" in error.details
             assert http_twin("small", big)[0] == 413
 
         # A pinned model is not unloaded: FAILED_PRECONDITION, HTTP's 409.
@@ -453,6 +463,10 @@ def test_statistics_count_both_protocols(start_server: StartServer, model_repo: 
 # --- a hot swap under gRPC load, and shutting down ----------------------------------------
 
 
+def latest_answer_is(answers: list[tuple[str, float, float]], version: str) -> bool:
+    return bool(answers) and answers[-1][0] == version
+
+
 def test_hot_swap_under_grpc_load_fails_no_request(
     start_server: StartServer, tmp_path: Path
 ) -> None:
@@ -485,7 +499,7 @@ def test_hot_swap_under_grpc_load_fails_no_request(
             target = tmp_path / "m" / str(number) / "model.onnx"
             target.parent.mkdir()
             target.write_bytes(scaled_onnx_bytes(float(number), 256 * 1024))
-            wait_for(lambda n=number: bool(answers) and answers[-1][0] == str(n), 10, f"v{number}")
+            wait_for(functools.partial(latest_answer_is, answers, str(number)), 10, f"v{number}")
     finally:
         stop.set()
         for thread in clients:
