@@ -9,6 +9,7 @@ extension, gRPC's ``raw_input_contents`` / ``raw_output_contents``).
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -78,7 +79,7 @@ def check_datatype(name: str, datatype: Any, spec: TensorSpec | None) -> str:
 
 
 def element_count(shape: Sequence[int]) -> int:
-    return int(np.prod(shape)) if shape else 1
+    return math.prod(shape)
 
 
 def check_count(name: str, size: int, count: int) -> None:
