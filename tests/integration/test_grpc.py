@@ -92,6 +92,10 @@ def status_of(call: Callable[[], object]) -> Status:
     return status
 
 
+def versions_of(server: RunningServer, model: str) -> list[str]:
+    return [v["version"] for v in httpx.get(f"{server.url}/models/{model}").json()["versions"]]
+
+
 def http_error(server: RunningServer, method: str, path: str, **kwargs: Any) -> tuple[int, str]:
     response = httpx.request(method, server.url + path, timeout=30, **kwargs)
     return response.status_code, response.json()["error"]
@@ -348,7 +352,7 @@ def test_every_error_status_with_the_http_faces_message(troubled: Any) -> None:
 
         # Settling: UNAVAILABLE with the retry hint HTTP gives as Retry-After.
         write_npz_model(root / "small" / "2", np.ones((4, 2), np.float32))
-        wait_for(lambda: "2" in str(httpx.get(server.url + "/models/small").json()), 10, "v2")
+        wait_for(lambda: "2" in versions_of(server, "small"), 10, "version 2 to be seen")
         with grpc.insecure_channel(server.grpc_target) as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
             request = pb.ModelInferRequest(model_name="small", model_version="2")
