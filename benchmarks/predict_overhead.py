@@ -203,7 +203,7 @@ def run_benchmark(args: argparse.Namespace, command_args: Sequence[str]) -> dict
 
         port = free_port()
         server_argv = [sys.executable, "-m", "multiserve", "serve", "--models", str(models)]
-        server_argv += ["--port", str(port), "--log-level", "warning"]
+        server_argv += ["--port", str(port), "--grpc-port", "0", "--log-level", "warning"]
         print(f"starting multiserve on 127.0.0.1:{port} ...", flush=True)
         connection = launch(
             servers, server_argv, port, Path(workdir) / "multiserve.log", args, deadline

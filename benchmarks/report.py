@@ -262,6 +262,23 @@ def targets(results: dict[str, Any]) -> list[Check]:
         ]
         add(Check("5 scaling", "req/s by model size", "(reported)", "; ".join(parts), None))
 
+    pr = sections.get("protocols")
+    if isinstance(pr, dict) and "figures" in pr:
+        for batch in (1, 64):
+            grpc_raw = pr["figures"][f"grpc_raw_b{batch}"]
+            http_json = pr["figures"][f"http_json_b{batch}"]
+            add(
+                Check(
+                    "6 protocols",
+                    f"gRPC raw vs HTTP JSON, batch {batch}",
+                    "(reported)",
+                    f"{grpc_raw['requests_per_s']:.0f} vs {http_json['requests_per_s']:.0f} "
+                    f"req/s, p99 {grpc_raw['p99_ms']:.2f} vs {http_json['p99_ms']:.2f} ms, "
+                    f"failed {grpc_raw['failed']}",
+                    None,
+                )
+            )
+
     for name, section in sections.items():
         if isinstance(section, dict) and "error" in section:
             add(Check(name, "section failed", "-", section["error"][:200], False))
@@ -306,6 +323,22 @@ def _throughput_table(tp: dict[str, Any]) -> list[str]:
     for name, peer in tp["peers"].items():
         if "error" in peer:
             lines.append(f"\n{name} was left out: {peer['error'][:300]}")
+    return lines
+
+
+def _protocols_table(pr: dict[str, Any]) -> list[str]:
+    lines = [
+        "| target | req/s (median) | p50 ms | p99 ms | failed | req/s of each run |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for figure in pr["figures"].values():
+        each = ", ".join(f"{r['requests_per_s']:.0f}" for r in figure["runs"])
+        lines.append(
+            f"| {figure['label']} | {figure['requests_per_s']:.0f} | {figure['p50_ms']:.2f} | "
+            f"{figure['p99_ms']:.2f} | {figure['failed']} | {each} |"
+        )
+    lines.append("")
+    lines += [f"- {name}: {_fmt(value, '.2f')}" for name, value in pr["ratios"].items()]
     return lines
 
 
@@ -432,6 +465,16 @@ def summary_markdown(results: dict[str, Any], checks: list[Check], charts: list[
                 f"{_fmt(f['ratio_to_inprocess'], '.2f')} |"
             )
         out.append("")
+    pr = sections.get("protocols")
+    if isinstance(pr, dict) and "figures" in pr:
+        out += [
+            "## 6. gRPC against HTTP (Open Inference Protocol), batch 1 and 64",
+            "",
+            f"wrk `{pr['settings']['wrk']}`; h2load `{pr['settings']['h2load']}`.",
+            "",
+            *_protocols_table(pr),
+            "",
+        ]
     if charts:
         out += ["## Charts", ""] + [f"![{Path(c).stem}]({Path(c).name})" for c in charts] + [""]
     out += ["Every figure, setting and version is in `run.json` beside this file.", ""]

@@ -4,8 +4,9 @@
     .venv/bin/python benchmarks/run.py --quick    # everything, smaller, in about 3 minutes
 
 Sections (``--sections`` picks some): throughput (multiserve vs the HTTP floor, MLServer and
-LitServe), hotswap (versions copied in under load), coldload, memory, scaling (model size). Load
-comes from wrk; servers run as subprocesses on free 127.0.0.1 ports; every wait is bounded.
+LitServe), hotswap (versions copied in under load), coldload, memory, scaling (model size),
+protocols (gRPC against HTTP JSON and binary, batch 1 and 64). Load comes from wrk (h2load for
+gRPC); servers run as subprocesses on free 127.0.0.1 ports; every wait is bounded.
 Writes run.json, summary.md and PNG charts to benchmarks/results/ (a quick run to
 benchmarks/results/quick/), and a full run updates the table in benchmarks/README.md.
 """
@@ -27,7 +28,7 @@ if __package__ in (None, ""):
     # Run as a script: make `benchmarks` and `examples` importable from the repository root.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import coldload, hotswap, memory, report, scaling, throughput, wrk
+from benchmarks import coldload, hotswap, memory, protocols, report, scaling, throughput, wrk
 from benchmarks.harness import (
     RESULTS_DIR,
     BenchmarkError,
@@ -47,6 +48,7 @@ SECTIONS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "coldload": coldload.run,
     "memory": memory.run,
     "scaling": scaling.run,
+    "protocols": protocols.run,
 }
 
 

@@ -146,6 +146,8 @@ class Context:
 def multiserve_argv(models: Path, port: int, *extra: str) -> list[str]:
     argv = [sys.executable, "-m", "multiserve", "serve", "--models", str(models)]
     argv += ["--port", str(port), "--log-level", "warning", "--admin-token", ADMIN_TOKEN]
+    if "--grpc-port" not in extra:
+        argv += ["--grpc-port", str(free_port())]  # each server its own
     return [*argv, *extra]
 
 

@@ -7,6 +7,7 @@ import threading
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from prometheus_client import (
@@ -76,6 +77,10 @@ class Metrics:
         # and version holds what the four request families are summed from.
         self._requests: dict[tuple[str, str, int, str, str], list[float]] = {}
         self.in_flight = 0  # HTTP requests being served now (changed on the event loop only)
+        # The same for gRPC calls, by method and code; a prediction's carries the HTTP status the
+        # same error gets over HTTP, so that predictions count alike whichever way they came.
+        self._rpcs: dict[tuple[str, str, int, str, str], list[float]] = {}
+        self.rpcs_in_flight = 0
         self._known: Callable[[str], bool] = lambda model: False
         self.inference_duration = _Sums(
             "multiserve_inference_duration_seconds",
@@ -145,6 +150,44 @@ class Metrics:
             record = self._requests[key] = _new_record()
         _observe(record, seconds)
 
+    def observe_rpc(
+        self, method: str, code: str, status: int, seconds: float, model: str, version: str
+    ) -> None:
+        """Count and time one gRPC call by its method (one of the service's, never a client's
+        string) and status code; an inference also by its model, if the model exists. Call on
+        the event loop."""
+        if model and (status == 404 or not self._known(model)):
+            model = version = ""
+        key = (method, code, status, model, version)
+        record = self._rpcs.get(key)
+        if record is None:
+            record = self._rpcs[key] = _new_record()
+        _observe(record, seconds)
+
+    def model_statistics(self) -> dict[tuple[str, str], ModelStatistics]:
+        """Per (model, version): prediction requests over both protocols that succeeded and
+        that failed once their version was known, and the calls of the model's predict."""
+        found: dict[tuple[str, str], ModelStatistics] = {}
+
+        def of(model: str, version: str) -> ModelStatistics:
+            stats = found.get((model, version))
+            if stats is None:
+                stats = found[(model, version)] = ModelStatistics()
+            return stats
+
+        requests = [
+            (key[2], key[3], key[4], record) for key, record in list(self._requests.items())
+        ]
+        requests += [(key[2], key[3], key[4], record) for key, record in list(self._rpcs.items())]
+        for status, model, version, record in requests:
+            if model and version:
+                of(model, version).add_request(status < 400, record)
+        with self._inference_lock:
+            for (model, version), record in self.inference_duration.sums.items():
+                of(model, version).executions += sum(record[:-1])
+                of(model, version).execution_seconds += record[-1]
+        return found
+
     def watch(self, server: ModelServer) -> None:
         """Report the server's cache and catalog at each scrape, and label predictions only by
         the models in its catalog."""
@@ -173,6 +216,24 @@ class Metrics:
         # From the models' worker threads: the lock keeps concurrent updates whole.
         with self._inference_lock:
             self.inference_duration.observe((model, str(version)), seconds)
+
+
+@dataclass(slots=True)
+class ModelStatistics:
+    successes: float = 0
+    success_seconds: float = 0.0
+    failures: float = 0
+    failure_seconds: float = 0.0
+    executions: float = 0
+    execution_seconds: float = 0.0
+
+    def add_request(self, succeeded: bool, record: list[float]) -> None:
+        if succeeded:
+            self.successes += sum(record[:-1])
+            self.success_seconds += record[-1]
+        else:
+            self.failures += sum(record[:-1])
+            self.failure_seconds += record[-1]
 
 
 class _ServerCollector(Collector):
@@ -251,6 +312,30 @@ class _RequestCollector(Collector):
             "multiserve_http_requests_in_flight",
             "HTTP requests being served now.",
             metrics.in_flight,
+        )
+        grpc_requests = _Sums(
+            "multiserve_grpc_requests",
+            "gRPC calls by method and status code.",
+            ("method", "code"),
+        )
+        grpc_duration = _Sums(
+            "multiserve_grpc_request_duration_seconds",
+            "gRPC call latency by method.",
+            ("method",),
+        )
+        for (method, code, status, model, version), record in list(metrics._rpcs.items()):
+            record = list(record)
+            grpc_requests.add((method, code), record)
+            grpc_duration.add((method,), record)
+            if model:
+                predictions.add((model, version, str(status)), record)
+                prediction_duration.add((model,), record)
+        yield grpc_requests.counter()
+        yield grpc_duration.histogram()
+        yield _gauge(
+            "multiserve_grpc_requests_in_flight",
+            "gRPC calls being served now.",
+            metrics.rpcs_in_flight,
         )
         yield predictions.counter()
         yield prediction_duration.histogram()

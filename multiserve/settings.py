@@ -122,6 +122,12 @@ class Settings:
     )
     host: str = _setting("127.0.0.1", _text, "Address to listen on; 0.0.0.0 for every interface.")
     port: int = _setting(8000, _int_in(0, 65535), "TCP port to listen on; 0 picks a free one.")
+    grpc_port: int = _setting(
+        8001,
+        _int_in(0, 65535),
+        "TCP port of the gRPC server (the Open Inference Protocol, as Triton's and KServe's "
+        "gRPC clients speak it), on the same host; 0 turns it off.",
+    )
     log_level: str = _setting(
         "info", _choice(*LOG_LEVELS), "Log level: " + ", ".join(LOG_LEVELS) + "."
     )

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import socket
 import threading
@@ -41,14 +42,25 @@ def model_repo(example_models: Path, tmp_path: Path) -> Path:
     return root
 
 
+def free_port() -> int:
+    """A port nothing listens on now (the OS's pick for a socket bound and closed)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
 class RunningServer:
-    """A real uvicorn server on 127.0.0.1 with a free port, in a background thread."""
+    """A real uvicorn server on 127.0.0.1 with a free port, in a background thread, and its
+    gRPC server on another free port (unless the settings turn gRPC off with grpc_port 0)."""
 
     def __init__(self, settings: Settings, registry: BackendRegistry | None = None) -> None:
+        if settings.grpc_port:
+            settings = dataclasses.replace(settings, grpc_port=free_port())
+        self.grpc_target = f"127.0.0.1:{settings.grpc_port}"
         self.model_server = ModelServer(settings, registry)
-        config = uvicorn.Config(
-            create_app(self.model_server), log_config=None, lifespan="on", access_log=False
-        )
+        self.app = create_app(self.model_server)
+        config = uvicorn.Config(self.app, log_config=None, lifespan="on", access_log=False)
         self._uvicorn = uvicorn.Server(config)
         self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._socket.bind(("127.0.0.1", 0))

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import hmac
 from typing import Any
 
 import orjson
@@ -11,19 +10,16 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from multiserve.errors import MalformedRequest, Unauthorized
+from multiserve.auth import require_admin
+from multiserve.errors import MalformedRequest
 from multiserve.http.responses import ORJSONResponse
 from multiserve.server import ModelServer
 
 
 def authorized(request: Request) -> ModelServer:
-    """The server, once the request proved it holds the admin token (compared in constant time)."""
+    """The server, once the request proved it holds the admin token."""
     server: ModelServer = request.app.state.server
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(
-        token.strip().encode(), server.admin_token.encode()
-    ):
-        raise Unauthorized("this endpoint needs 'Authorization: Bearer <admin token>'")
+    require_admin(request.headers.get("authorization"), server.admin_token)
     return server
 
 

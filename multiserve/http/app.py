@@ -6,6 +6,7 @@ from contextlib import asynccontextmanager
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 
+from multiserve.grpc import GrpcServer
 from multiserve.http import admin, v2
 from multiserve.http.errors import HANDLERS
 from multiserve.http.predict import PredictRoutes
@@ -20,9 +21,16 @@ def create_app(server: ModelServer) -> PredictRoutes:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await server.start()
+        # The gRPC face lives as long as the app: the CLI and an embedding server alike get it.
+        grpc_server = GrpcServer(server) if server.settings.grpc_port else None
+        app.state.grpc_server = grpc_server
         try:
+            if grpc_server is not None:
+                await grpc_server.start()
             yield
         finally:
+            if grpc_server is not None:
+                await grpc_server.stop(server.settings.shutdown_timeout_s)
             await server.stop()
 
     app = Starlette(

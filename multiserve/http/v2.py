@@ -6,7 +6,6 @@ Errors on these routes are ``{"error": "<message>"}``, as the protocol defines t
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -16,11 +15,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from multiserve import __version__, codecs
+from multiserve import __version__, codecs, protocol
 from multiserve.batching import Finish, Inputs, Prepare
 from multiserve.catalog import LATEST, VersionRecord
 from multiserve.errors import (
-    Conflict,
     InvalidInput,
     MalformedRequest,
     MultiserveError,
@@ -28,34 +26,12 @@ from multiserve.errors import (
 from multiserve.http.admin import authorized
 from multiserve.http.body import check_length, read_body
 from multiserve.http.responses import ORJSONResponse
-from multiserve.lifecycle import LoadedEntry, VersionState
+from multiserve.lifecycle import LoadedEntry
 from multiserve.server import ModelServer
-from multiserve.types import Array, ModelMetadata, TensorSpec
+from multiserve.types import Array, ModelMetadata
 
 HEADER_LENGTH = "inference-header-content-length"
 BINARY = "application/octet-stream"
-
-DATATYPES = {
-    "BOOL": "bool",
-    "UINT8": "uint8",
-    "UINT16": "uint16",
-    "UINT32": "uint32",
-    "UINT64": "uint64",
-    "INT8": "int8",
-    "INT16": "int16",
-    "INT32": "int32",
-    "INT64": "int64",
-    "FP16": "float16",
-    "FP32": "float32",
-    "FP64": "float64",
-    "BYTES": "string",
-}
-DTYPES = {dtype: datatype for datatype, dtype in DATATYPES.items()}
-PLATFORMS = {
-    "model.onnx": "onnxruntime_onnx",
-    "model.pt": "pytorch_libtorch",
-    "model.pt2": "pytorch_export",
-}
 
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -85,7 +61,7 @@ def _selector(request: Request) -> str:
 async def server_metadata(request: Request) -> Response:
     return ORJSONResponse(
         {
-            "name": "multiserve",
+            "name": protocol.SERVER_NAME,
             "version": __version__,
             "extensions": ["binary_tensor_data", "model_repository"],
         }
@@ -105,40 +81,32 @@ async def ready(request: Request) -> Response:
 
 @v2_errors
 async def model_metadata(request: Request) -> Response:
-    server = _server(request)
-    await server.wait_scanned()
-    name = request.path_params["name"]
-    async with server.lifecycle.lease(name, _selector(request)) as lease:
-        record, metadata = lease.record, lease.model.metadata
-    model = server.lifecycle.catalog.model(name)
+    described = await protocol.describe_model(
+        _server(request), request.path_params["name"], _selector(request)
+    )
     return ORJSONResponse(
         {
-            "name": name,
-            "versions": [str(v) for v in model.versions],
-            "platform": PLATFORMS.get(record.artifact or "", record.backend or "unknown"),
-            "inputs": [_tensor_metadata(spec) for spec in metadata.inputs],
-            "outputs": [_tensor_metadata(spec) for spec in metadata.outputs],
+            "name": described.name,
+            "versions": described.versions,
+            "platform": described.platform,
+            "inputs": [_tensor_metadata(t) for t in described.inputs],
+            "outputs": [_tensor_metadata(t) for t in described.outputs],
         }
     )
 
 
-def _tensor_metadata(spec: TensorSpec) -> dict[str, Any]:
-    return {"name": spec.name, "datatype": DTYPES[spec.dtype], "shape": list(spec.shape)}
+def _tensor_metadata(tensor: protocol.TensorDescription) -> dict[str, Any]:
+    return {"name": tensor.name, "datatype": tensor.datatype, "shape": tensor.shape}
 
 
 @v2_errors
 async def model_ready(request: Request) -> Response:
     """Ready when a request would be served now or after an on-demand load."""
-    server = _server(request)
-    await server.wait_scanned()
     name = request.path_params["name"]
-    lifecycle = server.lifecycle
-    record = lifecycle.resolve(name, _selector(request))[0]
-    state, error = lifecycle.state(record)
-    if state in (VersionState.READY, VersionState.AVAILABLE, VersionState.LOADING):
-        return ORJSONResponse({"name": name, "ready": True})
-    reason = error or state.value
-    raise InvalidInput(f"{name} version {record.version} is not ready: {reason}")
+    reason = await protocol.not_ready_reason(_server(request), name, _selector(request))
+    if reason is not None:
+        raise InvalidInput(reason)
+    return ORJSONResponse({"name": name, "ready": True})
 
 
 @v2_errors
@@ -199,51 +167,39 @@ def _decode_request(
 
 
 def _decode_inputs(entries: list[Any], binary: bytes, metadata: ModelMetadata) -> dict[str, Array]:
-    expected = {spec.name: spec for spec in metadata.inputs}
-    named: dict[str, Array] = {}
+    inputs = protocol.InputSet(metadata)
     offset = 0
     for entry in entries:
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
             raise MalformedRequest("each input needs a string 'name'")
         name = entry["name"]
         shape = entry.get("shape")
-        datatype = entry.get("datatype")
-        if not isinstance(shape, list) or not all(
-            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
-        ):
+        if not isinstance(shape, list):
             raise InvalidInput(f"input {name!r}: 'shape' must be a list of integers >= 0")
-        if datatype not in DATATYPES:
-            raise InvalidInput(
-                f"input {name!r}: datatype {datatype!r} is not one of {', '.join(DATATYPES)}"
-            )
-        spec = expected.get(name)
-        if spec is not None and DATATYPES[datatype] != spec.dtype:
-            raise InvalidInput(
-                f"input {name!r}: datatype {datatype} does not match the model's "
-                f"{DTYPES[spec.dtype]}"
-            )
-        if name in named:
+        shape = protocol.check_shape(name, shape)
+        datatype = protocol.check_datatype(name, entry.get("datatype"), inputs.spec(name))
+        if name in inputs.named:
             raise InvalidInput(f"input {name!r} is given twice")
         parameters = entry.get("parameters") or {}
         if not isinstance(parameters, dict):
             raise MalformedRequest(f"input {name!r}: 'parameters' must be an object")
-        count = int(np.prod(shape)) if shape else 1
+        count = protocol.element_count(shape)
         size = parameters.get("binary_data_size")
         if size is not None:
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:
                 raise InvalidInput(f"input {name!r}: binary_data_size must be an integer >= 0")
             if offset + size > len(binary):
                 raise InvalidInput(f"input {name!r}: binary data runs past the end of the body")
-            array = _from_binary(binary[offset : offset + size], datatype, count, name)
+            array = protocol.from_binary(binary[offset : offset + size], datatype, count, name)
             offset += size
         elif "data" in entry:
             array = _from_json(entry["data"], datatype, count, name)
         else:
             raise InvalidInput(f"input {name!r} has neither 'data' nor binary_data_size")
-        named[name] = array.reshape(shape)
+        inputs.add(name, array, shape)
     if offset != len(binary):
         raise InvalidInput(f"{len(binary) - offset} bytes of binary data belong to no input")
-    return codecs.check_inputs(named, metadata)
+    return inputs.checked()
 
 
 def _from_json(data: Any, datatype: str, count: int, name: str) -> Array:
@@ -254,34 +210,7 @@ def _from_json(data: Any, datatype: str, count: int, name: str) -> Array:
     if datatype == "BYTES" and array.dtype.kind != "U" and array.size:
         raise InvalidInput(f"input {name!r}: BYTES data must be strings")
     array = array.ravel()
-    if array.size != count:
-        raise InvalidInput(f"input {name!r}: {array.size} values do not fill shape of {count}")
-    return array
-
-
-def _from_binary(chunk: bytes, datatype: str, count: int, name: str) -> Array:
-    if datatype == "BYTES":
-        items = []
-        position = 0
-        while position < len(chunk):
-            if position + 4 > len(chunk):
-                raise InvalidInput(f"input {name!r}: truncated BYTES element length")
-            (length,) = struct.unpack_from("<I", chunk, position)
-            position += 4
-            if position + length > len(chunk):
-                raise InvalidInput(f"input {name!r}: truncated BYTES element")
-            items.append(chunk[position : position + length].decode("utf-8", "replace"))
-            position += length
-        array = np.array(items, dtype=np.str_)
-    else:
-        dtype = np.dtype(DATATYPES[datatype]).newbyteorder("<")
-        if len(chunk) != count * dtype.itemsize:
-            raise InvalidInput(
-                f"input {name!r}: binary_data_size {len(chunk)} does not hold {count} {datatype}"
-            )
-        array = np.frombuffer(chunk, dtype=dtype).astype(dtype.newbyteorder("="))
-    if array.size != count:
-        raise InvalidInput(f"input {name!r}: {array.size} values do not fill shape of {count}")
+    protocol.check_count(name, array.size, count)
     return array
 
 
@@ -303,7 +232,7 @@ def _requested_outputs(request: dict[str, Any], metadata: ModelMetadata) -> list
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
             raise MalformedRequest("each requested output needs a string 'name'")
         if entry["name"] not in names:
-            raise InvalidInput(f"unknown output {entry['name']!r}; outputs: {', '.join(names)}")
+            raise protocol.unknown_output(entry["name"], metadata)
         output_parameters = entry.get("parameters") or {}
         if not isinstance(output_parameters, dict):
             raise MalformedRequest(f"output {entry['name']!r}: 'parameters' must be an object")
@@ -322,10 +251,10 @@ def _encode_response(
     chunks: list[bytes] = []
     for name, binary in wanted:
         array = outputs[name]
-        datatype = _datatype(array)
+        datatype = protocol.datatype_of(array)
         output: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
         if binary:
-            chunk = _to_binary(array, datatype)
+            chunk = protocol.to_binary(array, datatype)
             output["parameters"] = {"binary_data_size": len(chunk)}
             chunks.append(chunk)
         else:
@@ -344,40 +273,12 @@ def _encode_response(
     return header + b"".join(chunks), len(header)
 
 
-def _datatype(array: Array) -> str:
-    if array.dtype.kind in "UOS":
-        return "BYTES"
-    datatype = DTYPES.get(array.dtype.name)
-    if datatype is None:
-        raise MultiserveError(f"output dtype {array.dtype} has no V2 datatype")
-    return datatype
-
-
-def _to_binary(array: Array, datatype: str) -> bytes:
-    if datatype == "BYTES":
-        parts = []
-        for item in np.ravel(array):
-            encoded = item if isinstance(item, bytes) else str(item).encode()
-            parts.append(struct.pack("<I", len(encoded)) + encoded)
-        return b"".join(parts)
-    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
-
-
 # --- the model repository extension (admin token required) ---------------------------------
-
-_REPOSITORY_STATES = {
-    VersionState.READY: "READY",
-    VersionState.LOADING: "LOADING",
-    VersionState.AVAILABLE: "UNAVAILABLE",
-    VersionState.SETTLING: "UNAVAILABLE",
-    VersionState.FAILED: "UNAVAILABLE",
-}
 
 
 @v2_errors
 async def repository_index(request: Request) -> Response:
     server = authorized(request)
-    await server.wait_scanned()
     body = await request.body()
     only_ready = False
     if body.strip():
@@ -386,28 +287,19 @@ async def repository_index(request: Request) -> Response:
         except orjson.JSONDecodeError as exc:
             raise MalformedRequest(f"request body is not valid JSON: {exc}") from None
         only_ready = bool(payload.get("ready", False)) if isinstance(payload, dict) else False
-    lifecycle = server.lifecycle
-    index = []
-    for record in lifecycle.catalog.records():
-        state, error = lifecycle.state(record)
-        if only_ready and state is not VersionState.READY:
-            continue
-        reason = error or {"available": "unloaded", "ready": ""}.get(state.value, state.value)
-        index.append(
-            {
-                "name": record.name,
-                "version": str(record.version),
-                "state": _REPOSITORY_STATES[state],
-                "reason": reason,
-            }
-        )
-    return ORJSONResponse(index)
+    index = await protocol.repository_index(server, only_ready)
+    return ORJSONResponse(
+        [
+            {"name": e.name, "version": e.version, "state": e.state, "reason": e.reason}
+            for e in index
+        ]
+    )
 
 
 @v2_errors
 async def repository_load(request: Request) -> Response:
     server = authorized(request)
-    await server.load(request.path_params["name"], LATEST)
+    await protocol.load_model(server, request.path_params["name"])
     return ORJSONResponse({})
 
 
@@ -415,16 +307,7 @@ async def repository_load(request: Request) -> Response:
 async def repository_unload(request: Request) -> Response:
     """Unload every loaded version of the model (each drains first)."""
     server = authorized(request)
-    await server.wait_scanned()
-    name = request.path_params["name"]
-    model = server.lifecycle.catalog.model(name)
-    pinned = [v for v in model.versions if server.lifecycle.cache.is_pinned((name, v))]
-    if pinned:
-        raise Conflict(
-            f"{name} has pinned versions ({', '.join(map(str, pinned))}): unpin them first"
-        )
-    for version in model.versions:
-        await server.lifecycle.evict((name, version))
+    await protocol.unload_model(server, request.path_params["name"])
     return ORJSONResponse({})
 
 

@@ -44,6 +44,8 @@ def test_serve_answers_and_stops_cleanly_on_sigterm(example_models: Path) -> Non
             str(example_models),
             "--port",
             str(port),
+            "--grpc-port",
+            str(free_port()),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
