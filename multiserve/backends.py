@@ -101,6 +101,11 @@ class BackendRegistry:
         Raises ValueError when the directory holds artifacts for more than one backend.
         """
         found = sorted(name for name in filenames if name in KNOWN_ARTIFACTS)
+        code = [name for name in found if name in CODE_ARTIFACTS]
+        if code:
+            # A predictor beside a model file is the code that serves it (say, a predictor.py
+            # that opens model.onnx itself with pre- and post-processing around it).
+            found = code
         if len(found) > 1:
             raise ValueError(
                 f"more than one model artifact ({', '.join(found)}); keep one per version"

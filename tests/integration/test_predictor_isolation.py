@@ -218,3 +218,36 @@ def _zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
     except OSError:
         return False
+
+
+def test_isolated_predictors_batch_and_await_too(start_server: StartServer, tmp_path: Path) -> None:
+    batching = """
+        import os
+
+        class Predictor:
+            def predict(self, payload):
+                return {"alone": payload}
+
+            def predict_batch(self, payloads):
+                return [{"echo": p, "pid": os.getpid()} for p in payloads]
+    """
+    awaiting = """
+        import asyncio
+        import os
+
+        class Predictor:
+            async def predict(self, payload, headers):
+                await asyncio.sleep(0)
+                return {"awaited": payload, "agent": headers.get("x-agent"), "pid": os.getpid()}
+    """
+    isolated = 'isolation = "process"\n'
+    write_predictor(tmp_path, "batching", 1, batching, isolated + "max_batch_size = 4\n")
+    write_predictor(tmp_path, "awaiting", 1, awaiting, isolated)
+    with start_server(tmp_path, allow_python_predictors=True).client() as client:
+        batched = client.post("/models/batching/predict", json=5).json()
+        assert batched["echo"] == 5
+        assert batched["pid"] != os.getpid()
+        awaited = client.post("/models/awaiting/predict", json=7, headers={"X-Agent": "a"})
+        assert awaited.json()["awaited"] == 7
+        assert awaited.json()["agent"] == "a"
+        assert awaited.json()["pid"] != os.getpid()

@@ -15,6 +15,7 @@ import faulthandler
 import logging
 import os
 import resource
+import signal
 import sys
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -28,6 +29,9 @@ from multiserve_python import contract
 def main(argv: list[str]) -> int:
     connection = Connection(int(argv[1]))
     faulthandler.enable()  # a segfault prints the Python stack before the process dies
+    # Ctrl-C in the server's terminal reaches its whole process group: the server ends this
+    # process itself (or its end of the socket closes).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         _, spec = connection.recv()
     except (EOFError, OSError):
