@@ -50,7 +50,9 @@ class Predictor:
             "predictions": [
                 {
                     "label": CLASSES[int(np.argmax(row))],
-                    "probabilities": dict(zip(CLASSES, row.round(4).tolist(), strict=True)),
+                    "probabilities": dict(
+                        zip(CLASSES, row.astype(np.float64).round(4).tolist(), strict=True)
+                    ),
                 }
                 for row in probabilities
             ],
