@@ -154,9 +154,12 @@ class Backend(Protocol):
         ...
 
 
-# Optional for a `Backend`: a class attribute ``executes_repository_code = True`` says that
-# loading runs code found in the model repository. The server then refuses such versions
-# (state failed, with the reason) unless the operator allows it.
+# Optional class attributes of a `Backend`:
+# - ``executes_repository_code = True``: loading runs code found in the model repository. The
+#   server then refuses such versions (state failed, with the reason) unless the operator
+#   allows it.
+# - ``answers_payloads = True``: its models are `PayloadModel`s. Requests in any content type
+#   then reach a model that is not loaded yet (a tensor model's answer 415 at once).
 
 
 # --- payload models -------------------------------------------------------------------------

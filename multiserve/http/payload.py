@@ -48,14 +48,24 @@ Answer = tuple[int, list[tuple[bytes, bytes]], bytes]
 
 def refuse_early(server: ModelServer, name: str, selector: str, refused: Exception) -> None:
     """Raise ``refused`` (the 415 a tensor model gives a request whose content type is not one
-    tensors come in) before the body is read, when the model surely takes tensors: no such
-    model, or it is loaded and is a tensor model. A model not loaded yet is told by its load."""
+    tensors come in) before the body is read, unless the model takes payloads: it is loaded as
+    a payload model, or, not loaded, its backend says its models are (``answers_payloads``)."""
     try:
         record = server.lifecycle.resolve(name, selector)[0]
     except MultiserveError:
         raise refused from None
     entry = server.lifecycle.cache.peek(record.key)
-    if entry is not None and not isinstance(entry.dispatcher, PayloadDispatcher):
+    if entry is not None:
+        if not isinstance(entry.dispatcher, PayloadDispatcher):
+            raise refused
+        return
+    if record.problem is not None or record.backend is None:
+        return  # it cannot load: the request gets its load error
+    try:
+        backend = server.registry.get(record.backend)
+    except MultiserveError:
+        return  # not installed, or broken: the request gets that error
+    if not getattr(backend, "answers_payloads", False):
         raise refused
 
 

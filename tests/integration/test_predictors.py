@@ -276,3 +276,20 @@ def test_a_failing_warm_up_fails_the_load_and_the_previous_version_keeps_serving
         assert "failed its warm-up" in version["error"]
         assert "version 2 rejects its warm-up" in version["error"]
         assert client.post("/models/guarded/predict", json={}).json() == {"version": 1}
+
+
+def test_a_tensor_model_refuses_other_content_types_without_loading(
+    start_server: StartServer, model_repo: Path
+) -> None:
+    write_predictor(model_repo, "echo", 1, ECHO)
+    with start_server(model_repo, allow_python_predictors=True).client() as client:
+        refused = client.post(
+            "/models/mlp/predict", content=b"a=1", headers={"Content-Type": "text/csv"}
+        )
+        assert error_of(refused, 415)["code"] == "unsupported_media_type"
+        assert {v["state"] for v in client.get("/models/mlp").json()["versions"]} == {"available"}
+        # ... while a cold predictor takes the same request.
+        taken = client.post(
+            "/models/echo/predict", content=b"a=1", headers={"Content-Type": "text/csv"}
+        )
+        assert taken.json() == {"size": 3, "content_type": "text/csv"}

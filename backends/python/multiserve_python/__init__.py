@@ -55,6 +55,8 @@ class PythonBackend:
     name = "python"
     # Loading a version imports and runs its predictor.py: the server asks its operator first.
     executes_repository_code = True
+    # Its models take whole requests (PayloadModel), in any content type.
+    answers_payloads = True
 
     def can_load(self, version_dir: Path) -> bool:
         return (version_dir / PREDICTOR_FILE).is_file()
