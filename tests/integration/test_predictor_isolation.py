@@ -100,7 +100,9 @@ def test_a_crashing_predictor_fails_only_its_requests_and_the_next_request_resta
         idle_pid = client.post("/models/crasher/predict", json={}).json()["pid"]
         os.kill(idle_pid, 9)
         wait_for(lambda: not pid_exists(idle_pid) or _zombie(idle_pid), 5, "the kill")
-        assert client.post("/models/crasher/predict", json={}).json()["pid"] != idle_pid
+        replaced = client.post("/models/crasher/predict", json={})
+        assert replaced.status_code == 200, replaced.text
+        assert replaced.json()["pid"] != idle_pid
 
         assert client.get("/healthz").status_code == 200
         mlp = client.post("/models/mlp/predict", json={"inputs": [[1, 2, 3, 4]]})

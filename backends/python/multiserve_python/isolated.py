@@ -179,13 +179,21 @@ class PredictorProcess:
 
     def exchange(self, requests: Sequence[PayloadRequest], batch: bool) -> list[Reply]:
         wire = [(r.body, r.content_type, dict(r.query_params), dict(r.headers)) for r in requests]
+        message = ("predict", batch, wire)
         with self._lock:
             connection = self._running()
             try:
-                connection.send(("predict", batch, wire))
+                connection.send(message)
+                resend = False
+            except OSError:
+                # It died before this request reached it (found only now): start another.
+                self._crashed(_exit_text(self._reap()))
+                connection, resend = self._running(), True
+            try:
+                if resend:
+                    connection.send(message)
                 if not connection.poll(self.spec.timeout_s):
-                    assert self._process is not None
-                    _reap(self._process, kill=True)
+                    self._reap(kill=True)
                     self._crashed(
                         f"was killed: no answer within timeout_s = {self.spec.timeout_s:g} s"
                     )
@@ -194,22 +202,25 @@ class PredictorProcess:
                         f"{self.spec.timeout_s:g} s; its process was killed and a new one "
                         "starts on the next request"
                     )
-                message = connection.recv()
+                answer = connection.recv()
             except (EOFError, OSError):
-                assert self._process is not None
-                how = _exit_text(_reap(self._process))
+                how = _exit_text(self._reap())
                 self._crashed(how)
                 raise ModelUnavailable(
                     f"its process {how} while answering; a new one starts on the next request"
                 ) from None
             self.crashes = 0
-        if message[0] == "error":
-            _, code, text = message
+        if answer[0] == "error":
+            _, code, text = answer
             raise _ERRORS.get(code, PredictionFailed)(text)
         return [
             Reply(body, status, media_type, tuple(headers))
-            for status, media_type, headers, body in message[1]
+            for status, media_type, headers, body in answer[1]
         ]
+
+    def _reap(self, kill: bool = False) -> int:
+        assert self._process is not None
+        return _reap(self._process, kill=kill)
 
     # --- closing ----------------------------------------------------------------------------
 
