@@ -1,4 +1,5 @@
-"""Build small, real example models (ONNX, TorchScript, torch.export) into a model repository.
+"""Build small, real example models (ONNX, TorchScript, torch.export, a Python predictor) into a
+model repository.
 
     python examples/make_models.py [--out examples/models]
 
@@ -8,6 +9,8 @@ The functions are also what the tests build their models with.
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 import warnings
 from pathlib import Path
 
@@ -174,6 +177,43 @@ def write_exported(version_dir: Path, seed: int) -> Path:
     return version_dir / "model.pt2"
 
 
+# Fisher's iris measurements (cm), their means and standard deviations over the 150 flowers.
+IRIS_SCALING = {
+    "mean": {
+        "sepal_length": 5.8433,
+        "sepal_width": 3.0573,
+        "petal_length": 3.7580,
+        "petal_width": 1.1993,
+    },
+    "std": {
+        "sepal_length": 0.8281,
+        "sepal_width": 0.4359,
+        "petal_length": 1.7653,
+        "petal_width": 0.7622,
+    },
+}
+IRIS_CONFIG = """\
+# Read by the predictor (its __init__ gets this file as `config`): the model it calls.
+classifier = "mlp"
+classifier_version = "latest"
+"""
+IRIS_WARMUP = {
+    "rows": [{"sepal_length": 5.1, "sepal_width": 3.5, "petal_length": 1.4, "petal_width": 0.2}]
+}
+
+
+def write_iris_predictor(version_dir: Path) -> Path:
+    """A Python predictor (``examples/iris_predictor.py``) around the ``mlp`` model: named
+    measurements in, scaled, run through ``mlp``, class labels with probabilities out. It is
+    served only by a server started with ``--allow-python-predictors``."""
+    version_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(Path(__file__).with_name("iris_predictor.py"), version_dir / "predictor.py")
+    (version_dir / "scaling.json").write_text(json.dumps(IRIS_SCALING, indent=2) + "\n")
+    (version_dir / "config.toml").write_text(IRIS_CONFIG)
+    (version_dir / "warmup.json").write_text(json.dumps(IRIS_WARMUP) + "\n")
+    return version_dir / "predictor.py"
+
+
 def write_examples(root: Path) -> None:
     write_mlp_onnx(root / "mlp" / "1" / "model.onnx", seed=1)
     write_mlp_onnx(root / "mlp" / "2" / "model.onnx", seed=2)
@@ -181,6 +221,7 @@ def write_examples(root: Path) -> None:
     write_counter_onnx(root / "counter" / "1" / "model.onnx")
     write_torchscript(root / "scaler" / "1", seed=3)
     write_exported(root / "regressor" / "1", seed=4)
+    write_iris_predictor(root / "iris" / "1")
 
 
 def main() -> None:

@@ -29,7 +29,17 @@ def build_parser() -> argparse.ArgumentParser:
     for spec in dataclasses.fields(Settings):
         flag = "--" + spec.name.replace("_", "-")
         metavar = "DIR" if spec.name == "models" else spec.name.upper()
-        serve.add_argument(flag, dest=spec.name, metavar=metavar, help=spec.metadata["doc"])
+        if spec.type in ("bool", bool):  # a bare flag means true: --allow-python-predictors
+            serve.add_argument(
+                flag,
+                dest=spec.name,
+                metavar=metavar,
+                nargs="?",
+                const="true",
+                help=spec.metadata["doc"],
+            )
+        else:
+            serve.add_argument(flag, dest=spec.name, metavar=metavar, help=spec.metadata["doc"])
     return parser
 
 

@@ -75,6 +75,23 @@ class PredictionFailed(MultiserveError):
     code = "prediction_failed"
 
 
+class ModelUnavailable(MultiserveError):
+    """The model is loaded but cannot answer now: its process died while answering, or is
+    restarting after repeated crashes. Only that model's requests get it; retrying later works."""
+
+    status_code = 503
+    code = "model_unavailable"
+    headers = {"Retry-After": "1"}
+
+
+class TensorsNotServed(MultiserveError):
+    """A tensor request (V2 inference, a pipeline's ``models.predict``) for a model that
+    answers payloads (a Python predictor)."""
+
+    status_code = 400
+    code = "payload_model"
+
+
 class ModelLoadFailed(MultiserveError):
     status_code = 503
     code = "model_load_failed"

@@ -23,8 +23,8 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
-from multiserve import codecs
-from multiserve.backends import BackendRegistry
+from multiserve import codecs, payloads
+from multiserve.backends import BackendRegistry, load_model
 from multiserve.batching import Dispatcher, Predict, Prepare, check_batchable
 from multiserve.cache import CacheFull, ModelCache
 from multiserve.catalog import LATEST, Catalog, Ident, Key, VersionRecord
@@ -40,7 +40,17 @@ from multiserve.errors import (
     VersionSettling,
 )
 from multiserve.memory import release_freed_memory, rss_bytes
-from multiserve.types import Array, Backend, LoadedModel, ModelMetadata, TensorSpec
+from multiserve.types import (
+    Array,
+    Backend,
+    Describable,
+    LoadContext,
+    LoadedModel,
+    Model,
+    ModelMetadata,
+    PayloadModel,
+    TensorSpec,
+)
 
 logger = logging.getLogger("multiserve.lifecycle")
 
@@ -62,7 +72,7 @@ class VersionState(StrEnum):
 @dataclass(slots=True, eq=False)
 class LoadedEntry:
     record: VersionRecord
-    model: LoadedModel
+    model: Model
     memory_bytes: int
     load_seconds: float
     dispatcher: Dispatcher  # runs its requests; closed with the model
@@ -129,7 +139,7 @@ class Lease:
     """A loaded model held for the duration of one request."""
 
     record: VersionRecord
-    model: LoadedModel
+    model: Model
 
 
 def _predictor(record: VersionRecord, model: LoadedModel, observer: LifecycleObserver) -> Predict:
@@ -180,6 +190,9 @@ class Lifecycle:
         self.inference_threads = inference_threads
         self.max_batch_size = max_batch_size
         self.catalog = Catalog()
+        # Given to each load (with the version's name and number): the server sets its
+        # `models` handle and settings once it runs.
+        self.context = LoadContext()
         self.cache: ModelCache[Key, LoadedEntry] = ModelCache(max_models, max_memory)
         self.labels: dict[str, dict[str, int]] = {}
         self._loads: dict[Ident, asyncio.Future[LoadedEntry]] = {}
@@ -499,12 +512,7 @@ class Lifecycle:
                     model,
                     nbytes,
                     seconds,
-                    Dispatcher(
-                        f"{record.name}-{record.version}",
-                        _predictor(record, model, self.observer),
-                        max_batch_size=self._batch_size(record),
-                        threads=record.inference_threads or self.inference_threads,
-                    ),
+                    self._dispatcher(record, model),
                 )
                 try:
                     self._admit(entry, what)
@@ -522,8 +530,31 @@ class Lifecycle:
         logger.info("loaded %s (%s, %d bytes) in %.3f s", what, record.backend, nbytes, seconds)
         return entry
 
+    def _warms(self, record: VersionRecord) -> bool:
+        return record.warmup if record.warmup is not None else self.warmup
+
     def _batch_size(self, record: VersionRecord) -> int:
         return record.max_batch_size or self.max_batch_size
+
+    def _dispatcher(self, record: VersionRecord, model: Model) -> Dispatcher:
+        batch = self._batch_size(record)
+        threads = record.inference_threads or self.inference_threads
+        if isinstance(model, PayloadModel):
+            name, version, observer = record.name, record.version, self.observer
+            return payloads.PayloadDispatcher(
+                name,
+                version,
+                model,
+                lambda seconds: observer.inferred(name, version, seconds),
+                max_batch_size=batch,
+                threads=threads,
+            )
+        return Dispatcher(
+            f"{record.name}-{record.version}",
+            _predictor(record, model, self.observer),
+            max_batch_size=batch,
+            threads=threads,
+        )
 
     def _victims(self, key: Key, nbytes: int, what: str) -> list[Key]:
         try:
@@ -550,7 +581,7 @@ class Lifecycle:
             self._count_eviction(replaced, "replaced")
             self._retire_entry(replaced)
 
-    def _load_blocking(self, record: VersionRecord, ahead: bool) -> tuple[LoadedModel, int]:
+    def _load_blocking(self, record: VersionRecord, ahead: bool) -> tuple[Model, int]:
         what = f"{record.name} version {record.version}"
         if record.backend is None:
             raise ModelLoadFailed(f"{what}: no backend can load it")
@@ -572,6 +603,9 @@ class Lifecycle:
             # What the process grew by belongs to this load only if nothing else that moves
             # memory (another load, a close) ran beside it.
             measured = alone() and before is not None and after is not None
+        if isinstance(model, PayloadModel) and self._warms(record):
+            # Outside the gate: a pipeline's warm-up may load the models it calls.
+            payloads.warm_up(path, what, model)
         grown = after - before if measured and before is not None and after is not None else 0
         # The backend's own figure, or what the process grew by, whichever is larger: some
         # runtimes allocate far more than their weights (arenas, compiled kernels).
@@ -602,26 +636,30 @@ class Lifecycle:
         backend: Backend,
         options: dict[str, Any],
         ahead: bool,
-    ) -> LoadedModel:
+    ) -> Model:
         what = f"{record.name} version {record.version}"
+        context = dataclasses.replace(self.context, name=record.name, version=record.version)
         try:
             if record.artifact is not None:
                 _verify_checksum(path / record.artifact)
-            model = backend.load(path, options)
+            model = load_model(backend, path, options, context)
         except MultiserveError as exc:
             raise ModelLoadFailed(f"{what}: {exc.message}") from exc
         except Exception as exc:
             logger.debug("load of %s failed", what, exc_info=True)
             raise ModelLoadFailed(f"{what} failed to load: {type(exc).__name__}: {exc}") from exc
-        if not isinstance(model, LoadedModel) or not isinstance(model.metadata, ModelMetadata):
+        if not isinstance(model, PayloadModel | LoadedModel) or not isinstance(
+            model.metadata, ModelMetadata
+        ):
             raise ModelLoadFailed(f"{what}: backend {record.backend!r} returned no LoadedModel")
         try:
-            check_batchable(model.metadata, self._batch_size(record))
+            if not isinstance(model, PayloadModel):
+                check_batchable(model.metadata, self._batch_size(record))
         except ValueError as exc:
             model.close()
             raise ModelLoadFailed(f"{what}: {exc}") from None
         try:
-            if record.warmup if record.warmup is not None else self.warmup:
+            if isinstance(model, LoadedModel) and self._warms(record):
                 _warm_up(record, model, synthesize=ahead)
         except ModelLoadFailed:
             model.close()
@@ -706,6 +744,8 @@ class Lifecycle:
             described["memory_bytes"] = entry.memory_bytes
             described["load_seconds"] = round(entry.load_seconds, 6)
             described.update(entry.model.metadata.to_json())
+            if isinstance(entry.model, Describable):
+                described.update(entry.model.describe())
         return described
 
     def loaded_entries(self) -> list[tuple[Key, LoadedEntry]]:

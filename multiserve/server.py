@@ -25,6 +25,7 @@ from multiserve.errors import (
 )
 from multiserve.lifecycle import Lifecycle, LoadedEntry
 from multiserve.metrics import Metrics
+from multiserve.pipelines import load_context
 from multiserve.repository.bucket import BucketOptions, BucketRepository, is_bucket_url
 from multiserve.repository.disk_cache import DiskCache
 from multiserve.repository.layout import is_valid_name, parse_version
@@ -44,6 +45,7 @@ class ModelServer:
             raise SettingsError("no model repository: pass --models DIR or set MULTISERVE_MODELS")
         self.settings = settings
         self.registry = registry if registry is not None else BackendRegistry()
+        self.registry.allow_repository_code = settings.allow_python_predictors
         self.repository: LocalRepository | BucketRepository
         if is_bucket_url(settings.models):
             cache_root = Path(settings.disk_cache_dir or "~/.cache/multiserve").expanduser()
@@ -104,6 +106,7 @@ class ModelServer:
 
     async def start(self) -> None:
         set_worker_threads(self.settings.worker_threads)
+        self.lifecycle.context = load_context(self.lifecycle, self.settings)
         if self._generated_token:
             logger.warning(
                 "admin token (generated; set MULTISERVE_ADMIN_TOKEN to choose one): %s",

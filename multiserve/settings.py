@@ -216,6 +216,20 @@ class Settings:
         "", _text, "Where pins and labels are saved. Empty: <models>/.multiserve."
     )
     access_log: bool = _setting(False, _bool, "Log one line per request.")
+    allow_python_predictors: bool = _setting(
+        False,
+        _bool,
+        "Serve Python predictors (predictor.py in a version directory). Their code runs with "
+        "the server's privileges, so it is off: such versions fail with a reason saying so, "
+        "and nothing from their predictor.py is imported or run.",
+    )
+    predictor_isolation: str = _setting(
+        "none",
+        _choice("none", "process"),
+        "Where Python predictors run when their config.toml sets no `isolation`: 'none' (in "
+        "the server's process) or 'process' (a child process each: a crash fails only that "
+        "model's requests in flight).",
+    )
     shutdown_timeout_s: float = _setting(
         30.0, _positive_float, "Seconds to let running requests finish on SIGTERM."
     )

@@ -3,17 +3,46 @@
 A backend distribution depends on this module and nothing else in the core. It exposes a class
 implementing `Backend` through the ``multiserve.backends`` entry-point group; the core
 instantiates it with no arguments the first time a model needs it.
+
+A loaded model is one of two kinds:
+
+- a `LoadedModel` takes named tensors and returns named tensors: the core decodes each request
+  (JSON, ``.npy``, V2) into numpy, checks it against the model's metadata, and encodes the
+  outputs;
+- a `PayloadModel` takes the request itself (`PayloadRequest`: the body, its content type, the
+  query parameters and headers) and returns the answer (`Reply`): the core passes the body
+  through undecoded (JSON is decoded on first use of `PayloadRequest.payload`) and sends the
+  reply as it is. Python predictors are payload models.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
+import orjson
+
+# Exceptions a model may raise to choose its answer's status (each carries its HTTP status).
+from multiserve.errors import (
+    MalformedRequest as MalformedRequest,
+)
+from multiserve.errors import (
+    ModelLoadFailed as ModelLoadFailed,
+)
+from multiserve.errors import (
+    ModelUnavailable as ModelUnavailable,
+)
+from multiserve.errors import (
+    MultiserveError as MultiserveError,
+)
+from multiserve.errors import (
+    PredictionFailed as PredictionFailed,
+)
 
 Array = npt.NDArray[Any]
 
@@ -113,10 +142,167 @@ class Backend(Protocol):
 
     def can_load(self, version_dir: Path) -> bool: ...
 
-    def load(self, version_dir: Path, options: Mapping[str, Any]) -> LoadedModel:
+    def load(self, version_dir: Path, options: Mapping[str, Any]) -> Model:
         """Load the version in ``version_dir``. ``options`` is the merged config.toml.
+
+        A ``load`` that declares a third parameter named ``context`` also gets a `LoadContext`
+        (the model's name and version, the server's other models, its settings).
 
         Raise any exception with a message meant for the operator; the core records it as
         the version's load error.
         """
         ...
+
+
+# Optional class attributes of a `Backend`:
+# - ``executes_repository_code = True``: loading runs code found in the model repository. The
+#   server then refuses such versions (state failed, with the reason) unless the operator
+#   allows it.
+# - ``answers_payloads = True``: its models are `PayloadModel`s. Requests in any content type
+#   then reach a model that is not loaded yet (a tensor model's answer 415 at once).
+
+
+# --- payload models -------------------------------------------------------------------------
+
+_NO_PARAMS: Mapping[str, str] = MappingProxyType({})
+JSON_TYPES = frozenset({"", "application/json"})
+
+
+class PayloadRequest:
+    """One request as a `PayloadModel` receives it. Read-only.
+
+    ``content_type`` is the media type alone, lower case ("" when the request named none);
+    ``query_params`` keeps the last value of a repeated key; ``headers`` has lower-case names,
+    a repeated header's values joined with ", ".
+    """
+
+    __slots__ = ("_payload", "body", "content_type", "headers", "query_params")
+
+    def __init__(
+        self,
+        body: bytes,
+        content_type: str = "",
+        query_params: Mapping[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        self.body = body
+        self.content_type = content_type
+        self.query_params = _NO_PARAMS if query_params is None else query_params
+        self.headers = _NO_PARAMS if headers is None else headers
+        self._payload: Any = _UNDECODED
+
+    @property
+    def is_json(self) -> bool:
+        """The body is JSON: ``application/json``, a ``+json`` type, or no content type."""
+        return self.content_type in JSON_TYPES or self.content_type.endswith("+json")
+
+    @property
+    def payload(self) -> Any:
+        """The decoded JSON body for a JSON request (`MalformedRequest` if it is not valid
+        JSON), else the raw bytes. Decoded once, on first use."""
+        if self._payload is _UNDECODED:
+            if not self.is_json:
+                self._payload = self.body
+            else:
+                try:
+                    self._payload = orjson.loads(self.body)
+                except orjson.JSONDecodeError as exc:
+                    raise MalformedRequest(f"request body is not valid JSON: {exc}") from None
+        return self._payload
+
+
+_UNDECODED = object()
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A payload model's answer, sent as it is (the core adds the model's name and version
+    headers)."""
+
+    body: bytes
+    status: int = 200
+    media_type: str = "application/json"
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+@runtime_checkable
+class PayloadModel(Protocol):
+    """A model that answers requests rather than tensors.
+
+    ``answer`` is called in the model's worker thread(s), as ``LoadedModel.predict`` is. Raise
+    to fail the request: `PredictionFailed` (500) with a message for the client, or any other
+    exception (500, its type and message shown); `ModelUnavailable` (503) when the model cannot
+    answer now. The request fails alone and the model keeps serving. ``metadata`` may declare
+    no inputs or outputs.
+    """
+
+    metadata: ModelMetadata
+    memory_bytes: int
+
+    def answer(self, request: PayloadRequest) -> Reply: ...
+
+    def close(self) -> None:
+        """Release the model's memory. Called exactly once, after the last ``answer``."""
+
+
+@runtime_checkable
+class BatchingPayloadModel(PayloadModel, Protocol):
+    """A payload model that answers several requests in one call. With ``max_batch_size`` > 1,
+    requests waiting together (up to that many) go to ``answer_batch``, which returns one
+    reply per request, in order; a call that raises is retried one request at a time, so a
+    bad request fails alone."""
+
+    def answer_batch(self, requests: Sequence[PayloadRequest]) -> Sequence[Reply]: ...
+
+
+@runtime_checkable
+class AsyncPayloadModel(PayloadModel, Protocol):
+    """A payload model answered on the event loop: ``answer_async`` must never block (no
+    blocking I/O, no long computation). ``answer`` is still used for the warm-up, in a worker
+    thread."""
+
+    async def answer_async(self, request: PayloadRequest) -> Reply: ...
+
+
+Model = LoadedModel | PayloadModel
+
+
+@runtime_checkable
+class Describable(Protocol):
+    """Optional for any model: facts it adds to its version's entry in ``GET /models`` (JSON
+    values). Called on the event loop, so it must answer at once."""
+
+    def describe(self) -> Mapping[str, Any]: ...
+
+
+# --- what a load is given -------------------------------------------------------------------
+
+
+class Models(Protocol):
+    """The other models of the same server, for a model that calls them (a pipeline). Each
+    call goes through the server's lifecycle: lazy load, LRU, leases, metrics. ``version`` is
+    a number, ``"latest"`` or a label; ``inputs`` maps input names to arrays (or is one array
+    for a single-input model). Errors are the server's (`multiserve.errors`): e.g.
+    ``ModelNotFound`` for a model that does not exist."""
+
+    def predict(self, name: str, version: str | int, inputs: Any) -> dict[str, Array]:
+        """Blocking: call it from a worker thread (a predictor's ``predict``), never from the
+        event loop."""
+        ...
+
+    async def predict_async(self, name: str, version: str | int, inputs: Any) -> dict[str, Array]:
+        """For code on the event loop (an ``async def predict``)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class LoadContext:
+    """What the server offers a load beyond the version's files and options. A backend's
+    ``load`` receives it when it declares a parameter named ``context``."""
+
+    name: str = ""  # the model's name and version, for messages
+    version: int = 0
+    models: Models | None = None  # None where no server runs (a model loaded on its own)
+    # The server's settings (`multiserve.settings.Settings` fields, the admin token left out),
+    # for server-wide defaults of a backend's options.
+    settings: Mapping[str, Any] = field(default_factory=dict)

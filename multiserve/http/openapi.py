@@ -287,12 +287,13 @@ def ok_json(schema: dict[str, Any], text: str) -> dict[str, Any]:
 
 
 def _predict() -> dict[str, Any]:
-    return _operation(
+    operation = _operation(
         "Predict with a model version.",
         {
             "200": {
                 "description": "The outputs, as JSON, or as .npy when the request accepts "
-                "application/x-npy.",
+                "application/x-npy. A Python predictor answers whatever its predict returns "
+                "(JSON, bytes, or a Response with its own status, headers and media type).",
                 "content": {
                     JSON: {"schema": _ref("PredictResponse")},
                     NPY: {"schema": {"type": "string", "format": "binary"}},
@@ -303,6 +304,9 @@ def _predict() -> dict[str, Any]:
         params=("name", "version"),
         body={
             "required": True,
+            "description": "Tensors as JSON or .npy. A Python predictor takes any body: the "
+            "decoded JSON for application/json, the raw bytes for any other content type "
+            "(which a tensor model refuses with 415).",
             "content": {
                 JSON: {"schema": _ref("PredictRequest")},
                 NPY: {"schema": {"type": "string", "format": "binary"}},
@@ -310,6 +314,11 @@ def _predict() -> dict[str, Any]:
         },
         tags=("predict",),
     )
+    operation["responses"]["503"]["description"] += (
+        " Or a Python predictor's process died while answering, or restarts after repeated "
+        "crashes (Retry-After)."
+    )
+    return operation
 
 
 def _infer() -> dict[str, Any]:

@@ -20,7 +20,14 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from multiserve import codecs
 from multiserve.batching import Finish, Inputs, Prepare
 from multiserve.catalog import LATEST
-from multiserve.errors import MalformedRequest, MultiserveError, PayloadTooLarge
+from multiserve.errors import (
+    MalformedRequest,
+    MultiserveError,
+    PayloadTooLarge,
+    TensorsNotServed,
+    UnsupportedMediaType,
+)
+from multiserve.http import payload
 from multiserve.http.responses import error_response, from_error
 from multiserve.lifecycle import LoadedEntry
 from multiserve.server import ModelServer
@@ -92,18 +99,24 @@ async def predict(
     resume."""
     try:
         limit = server.settings.max_request_bytes
-        decode, wants_npy, output = _request(scope, limit)
+        try:
+            decode, wants_npy, output = _request(scope, limit)
+        except UnsupportedMediaType as refused:  # unless its model takes any payload
+            return await _payload(server, scope, receive, send, name, selector, refused)
         body = await _read_body(receive, limit)
         if not server.scanned:
             await server.wait_scanned()
         prepare = _prepare(body, decode, wants_npy, output)
         lifecycle = server.lifecycle
-        submitted = lifecycle.submit(name, selector, prepare)
-        if submitted is None:
-            record, content = await lifecycle.infer(name, selector, prepare)
-        else:
-            record, future = submitted
-            content = await future
+        try:
+            submitted = lifecycle.submit(name, selector, prepare)
+            if submitted is None:
+                record, content = await lifecycle.infer(name, selector, prepare)
+            else:
+                record, future = submitted
+                content = await future
+        except TensorsNotServed:  # its model answers payloads (a Python predictor)
+            return await payload.respond(server, scope, send, name, selector, body, None)
     except MultiserveError as exc:
         await from_error(exc)(scope, receive, send)
         return exc.status_code, ""
@@ -124,6 +137,23 @@ async def predict(
     await send({"type": "http.response.start", "status": 200, "headers": headers})
     await send({"type": "http.response.body", "body": content})
     return 200, version
+
+
+async def _payload(
+    server: ModelServer,
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    name: str,
+    selector: str,
+    refused: UnsupportedMediaType,
+) -> tuple[int, str]:
+    """A request whose content type tensors do not come in: a payload model's, else 415."""
+    if not server.scanned:
+        await server.wait_scanned()
+    payload.refuse_early(server, name, selector, refused)
+    body = await _read_body(receive, server.settings.max_request_bytes)
+    return await payload.respond(server, scope, send, name, selector, body, refused)
 
 
 def _request(scope: Scope, limit: int) -> tuple[Decode, bool, str | None]:

@@ -13,7 +13,7 @@ from multiserve.repository.layout import merge_config
 
 # config.toml keys the core reads; the rest go to the backend.
 CORE_KEYS = ("backend", "version_policy", "warmup", "max_batch_size", "inference_threads")
-NO_ARTIFACT = "holds no model artifact (model.onnx, model.pt, model.pt2)"
+NO_ARTIFACT = "holds no model artifact (model.onnx, model.pt, model.pt2, predictor.py)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +62,8 @@ def classify(
             found, problem = None, problem or str(exc)
         if found is not None:
             backend, artifact = found[0], found[1] or None
+    if problem is None and backend is not None:
+        problem = registry.refusal(backend, artifact)
     if problem is not None:
         core = {}
     return Classified(

@@ -598,7 +598,7 @@ def test_pins_and_labels_survive_a_restart(start_server: StartServer, model_repo
     # The state directory is not mistaken for a model.
     with second.client() as client:
         names = {m["name"] for m in client.get("/models").json()["models"]}
-        assert names == {"adder", "counter", "mlp", "regressor", "scaler"}
+        assert names == {"adder", "counter", "iris", "mlp", "regressor", "scaler"}
 
 
 def test_state_dir_setting_puts_the_state_file_elsewhere(

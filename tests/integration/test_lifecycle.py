@@ -276,7 +276,7 @@ def test_deleting_a_version_drains_it_then_404s(
         running.join(timeout=10)
         assert results[0].status_code == 200
         assert results[0].json()["outputs"]["y"] == [[2.0, 2.0]]
-        wait_for(lambda: model.model.closed, 5, "the retired version to close")  # type: ignore[attr-defined]
+        wait_for(lambda: model.model.closed, 5, "the retired version to close")  # type: ignore[union-attr]
         latest = client.post("/models/slow/predict", json={"inputs": [[1, 1]]})
         assert latest.headers["x-model-version"] == "1"
 

@@ -30,12 +30,20 @@ def test_ready_means_the_models_backends_are_imported(
     with server.client() as client:
         wait_for(lambda: client.get("/readyz").status_code == 200, 60, "readiness")
     # No model's first request pays for importing its runtime.
-    assert server.model_server.registry.imported() == ["onnx", "torch"]
+    assert server.model_server.registry.imported() == ["onnx", "python", "torch"]
 
 
 def test_listing_shows_every_model_version_state_and_latest(client: httpx.Client) -> None:
     models = {model["name"]: model for model in client.get("/models").json()["models"]}
-    assert set(models) == {"adder", "counter", "mlp", "regressor", "scaler"}
+    assert set(models) == {"adder", "counter", "iris", "mlp", "regressor", "scaler"}
+    # The example predictor runs repository code: refused unless the operator allows it.
+    iris = models["iris"]["versions"][0]
+    assert (iris["state"], iris["backend"], iris["artifact"]) == (
+        "failed",
+        "python",
+        "predictor.py",
+    )
+    assert "--allow-python-predictors" in iris["error"]
     assert models["mlp"]["latest"] == "2"
     assert [v["version"] for v in models["mlp"]["versions"]] == ["2", "1"]
     assert {v["state"] for v in models["mlp"]["versions"]} == {"available"}

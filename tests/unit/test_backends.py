@@ -48,3 +48,43 @@ def test_detection_by_artifact_then_by_third_party_backend(tmp_path: Path) -> No
     assert registry.detect(tmp_path, ["model.npz"]) == ("npz", "")
     with pytest.raises(ValueError, match="more than one model artifact"):
         registry.detect(tmp_path, ["model.pt", "model.pt2"])
+
+
+def test_a_predictor_beside_a_model_file_is_the_code_that_serves_it(tmp_path: Path) -> None:
+    registry = BackendRegistry([])
+    found = registry.detect(tmp_path, ["model.onnx", "predictor.py", "tokenizer.json"])
+    assert found == ("python", "predictor.py")
+
+
+class CodeRunningBackend:
+    """A third-party backend whose loading runs repository code, and says so."""
+
+    name = "scripts"
+    executes_repository_code = True
+
+    def can_load(self, version_dir: Path) -> bool:
+        return (version_dir / "script.py").is_file()
+
+    def load(self, version_dir: Path, options: object) -> None:
+        raise AssertionError("never loaded in these tests")
+
+
+def test_repository_code_is_refused_unless_allowed(tmp_path: Path) -> None:
+    scripts = EntryPoint(
+        name="scripts",
+        value="tests.unit.test_backends:CodeRunningBackend",
+        group="multiserve.backends",
+    )
+    registry = BackendRegistry([scripts, ENTRY_POINT])
+    refusal = registry.refusal("python", "predictor.py")
+    assert refusal is not None
+    assert "--allow-python-predictors" in refusal
+    # Decided by the artifact's name: the python backend need not even be installed.
+    assert "python" not in registry.names()
+    assert registry.refusal("onnx", "model.onnx") is None
+    assert registry.refusal("npz", None) is None
+    assert registry.refusal("scripts", None) == refusal
+    assert registry.refusal("not-installed", None) is None  # its load says what is missing
+    registry.allow_repository_code = True
+    assert registry.refusal("python", "predictor.py") is None
+    assert registry.refusal("scripts", None) is None

@@ -89,3 +89,13 @@ def test_parse_size(text: str | int, size: int) -> None:
 def test_parse_size_rejects(text: object) -> None:
     with pytest.raises(ValueError, match="size"):
         parse_size(text)
+
+
+def test_boolean_settings_work_as_bare_flags() -> None:
+    from multiserve.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--allow-python-predictors", "--models", "m"])
+    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)}
+    assert Settings.load(environ={}, overrides=flags).allow_python_predictors
+    explicit = build_parser().parse_args(["serve", "--watch", "false", "--models", "m"])
+    assert explicit.watch == "false"
