@@ -89,3 +89,37 @@ def test_parse_size(text: str | int, size: int) -> None:
 def test_parse_size_rejects(text: object) -> None:
     with pytest.raises(ValueError, match="size"):
         parse_size(text)
+
+
+def test_every_switch_is_a_bare_flag_and_a_negated_one() -> None:
+    from typing import get_type_hints
+
+    from multiserve.cli import build_parser
+
+    switches = [name for name, kind in get_type_hints(Settings).items() if kind is bool]
+    assert {"watch", "warmup", "access_log", "allow_external_symlinks"} <= set(switches)
+    parser = build_parser()
+    for name in switches:
+        flag = name.replace("_", "-")
+        on = parser.parse_args(["serve", f"--{flag}"])
+        off = parser.parse_args(["serve", f"--no-{flag}"])
+        spelled = parser.parse_args(["serve", f"--{flag}", "false"])
+        loaded = [
+            getattr(Settings.load(environ={}, overrides={name: getattr(args, name)}), name)
+            for args in (on, off, spelled)
+        ]
+        assert loaded == [True, False, False], name
+        unset = parser.parse_args(["serve"])
+        assert getattr(unset, name) is None  # the file and the environment still decide
+
+
+def test_serve_help_shows_defaults_and_bucket_urls() -> None:
+    from multiserve.cli import build_parser
+
+    serve = build_parser()._subparsers._group_actions[0].choices["serve"]  # type: ignore[union-attr]
+    text = " ".join(serve.format_help().split())
+    for url in ("s3://", "gs://", "az://"):
+        assert url in text
+    assert "(default: 64MiB)" in text  # max_request_bytes
+    assert "(default: 8000)" in text  # port
+    assert "(default: on; --no-watch turns it off)" in text
