@@ -13,9 +13,10 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Protocol, TypeVar
 
 from multiserve import policy
@@ -30,7 +31,9 @@ from multiserve.errors import (
     ModelLoadFailed,
     ModelTooLarge,
     MultiserveError,
+    NotFound,
     VersionGone,
+    VersionSettling,
 )
 from multiserve.loading import (
     WARMUP_JSON,
@@ -124,6 +127,8 @@ class Lifecycle:
         max_models: int = 0,
         max_memory: int = 0,
         settle_window_s: float = 1.0,
+        settle_wait_s: float = 0.0,
+        rescan: Callable[[], None] | None = None,
         version_policy: str = "latest",
         warmup: bool = True,
         observer: LifecycleObserver | None = None,
@@ -137,6 +142,11 @@ class Lifecycle:
         self.source: VersionSource = source if source is not None else LocalFiles()
         self.default_device = default_device
         self.settle_window_s = settle_window_s
+        self.settle_wait_s = settle_wait_s
+        # Asks discovery for a scan soon (the repository may hold what the catalog does not).
+        self._rescan: Callable[[], None] = rescan if rescan is not None else lambda: None
+        # Set, and replaced, by every reconcile: what a request waiting for a scan awaits.
+        self._scan_seen = asyncio.Event()
         self.version_policy = version_policy
         self.warmup = warmup
         # Loads and closes that may run at once. One (the default) makes each load's growth
@@ -183,7 +193,14 @@ class Lifecycle:
         for record in result.staged:
             if record.ident not in self._promotions:
                 self._promotions[record.ident] = asyncio.create_task(self._promote(record))
+        seen, self._scan_seen = self._scan_seen, asyncio.Event()
+        seen.set()
         return result.next_check
+
+    @property
+    def failures(self) -> Mapping[Ident, ModelLoadFailed | ModelTooLarge]:
+        """Why each set of files that failed cannot serve (kept until the files change)."""
+        return MappingProxyType(self._failures)
 
     async def _promote(self, record: VersionRecord) -> None:
         """Load and warm a newer version of a hot model, then, in one step, let it serve."""
@@ -313,7 +330,42 @@ class Lifecycle:
     async def acquire(self, name: str, selector: str, *, ahead: bool = False) -> LoadedEntry:
         """The loaded model, loading it if needed. ``ahead``: loading ahead of traffic (an
         operator's load or pin), so warm it up even without a warm-up sample; a request's own
-        load skips that, since the request is the first inference anyway."""
+        load skips that, since the request is the first inference anyway.
+
+        Waits up to ``settle_wait_s`` for what the next scans may settle: a version still being
+        written, one the repository holds but no scan has seen yet, one whose files vanished
+        before it loaded (the rescan then answers 404, or loads what is there now)."""
+        loop = asyncio.get_running_loop()
+        deadline: float | None = None
+        probed = False
+        while True:
+            try:
+                return await self._acquire(name, selector, ahead)
+            except VersionSettling as exc:
+                error: MultiserveError = exc
+            except VersionGone as exc:
+                error = exc
+                self._rescan()
+            except NotFound as exc:
+                if probed or self.settle_wait_s <= 0:
+                    raise
+                probed = True
+                if not await run_sync(self.source.holds, name, selector):
+                    raise
+                error = exc
+                self._rescan()
+            if deadline is None:
+                deadline = loop.time() + self.settle_wait_s
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise error
+            seen = self._scan_seen
+            try:
+                await asyncio.wait_for(seen.wait(), remaining)
+            except TimeoutError:
+                raise error from None
+
+    async def _acquire(self, name: str, selector: str, ahead: bool) -> LoadedEntry:
         candidates = self.resolve(name, selector)
         if selector != LATEST:
             return await self._entry(candidates[0], ahead)
@@ -322,6 +374,8 @@ class Lifecycle:
         for record in candidates:
             try:
                 return await self._entry(record, ahead)
+            except VersionGone:
+                raise
             except (ModelLoadFailed, ModelTooLarge) as exc:
                 first_error = first_error or exc
         assert first_error is not None

@@ -25,6 +25,7 @@ from multiserve.errors import (
     VersionGone,
 )
 from multiserve.memory import MemoryCost, MemoryMeter, release_freed_memory
+from multiserve.repository import describe
 from multiserve.types import Array, Backend, LoadedModel, ModelMetadata, TensorSpec
 
 logger = logging.getLogger("multiserve.lifecycle")
@@ -45,6 +46,11 @@ class VersionSource(Protocol):
         """(bytes done, bytes in all) while the version downloads, else None."""
         ...
 
+    def holds(self, name: str, selector: str) -> bool:
+        """Whether the repository holds this model (version) even if no scan has seen it yet:
+        cheap (blocking) and conservative; False when it cannot tell cheaply."""
+        ...
+
 
 class LocalFiles:
     def materialize(self, record: VersionRecord) -> Path:
@@ -52,6 +58,9 @@ class LocalFiles:
 
     def progress(self, record: VersionRecord) -> tuple[int, int] | None:
         return None
+
+    def holds(self, name: str, selector: str) -> bool:
+        return False
 
 
 class InferenceObserver(Protocol):
@@ -115,7 +124,8 @@ class Loader:
         except VersionGone:
             raise
         except Exception as exc:
-            raise DownloadFailed(f"{what}: downloading its files failed: {_one_line(exc)}") from exc
+            logger.debug("fetching %s failed", what, exc_info=True)
+            raise DownloadFailed(f"{what}: downloading its files failed: {describe(exc)}") from exc
         try:
             return self.meter.measure(
                 lambda: self._load_and_warm(record, path, backend, options, ahead, batch_size),
@@ -171,13 +181,6 @@ class Loader:
                 logger.exception("closing %s version %d failed", record.name, record.version)
             release_freed_memory()
         logger.info("closed %s version %d", record.name, record.version)
-
-
-def _one_line(exc: BaseException) -> str:
-    """An exception as one readable line (object-store errors carry a multi-line dump)."""
-    text = str(exc).split("\n\nDebug source:", 1)[0].strip()
-    first = text.splitlines()[0] if text else ""
-    return f"{type(exc).__name__}: {first}"[:500]
 
 
 def _verify_checksum(artifact: Path) -> None:

@@ -201,8 +201,8 @@ class Settings:
     rescan_interval_s: float = _setting(
         60.0,
         _positive_float,
-        "A watched repository is also scanned in full this often, in case the file-system "
-        "watch missed an event. 0: only on events.",
+        "A local repository is also scanned in full this often, in case the file-system "
+        "watch missed an event (and with watch off). 0: never.",
     )
     empty_grace_s: float = _setting(
         30.0,

@@ -128,14 +128,23 @@ def test_a_version_is_complete_only_after_two_identical_listings_or_its_marker(
     upload_mlp(s3, tmp_path, 1, seed=1)
     s3.put("marked/1/model.onnx", scaled_onnx_bytes(1.0))
     s3.put("marked/1/READY", b"")
-    server = bucket_server(poll_interval_s=60)  # one listing during this test
+    # One listing during this test; the objects are younger than the settle window, so only the
+    # marker completes a version; start-up gives up waiting for the other after 0.5 s.
+    server = bucket_server(
+        poll_interval_s=60, settle_window_s=60, startup_timeout_s=0.5, settle_wait_s=0
+    )
     with server.client() as client:
-        wait_for(lambda: server.model_server.ready, 10, "the first listing")
+        wait_for(lambda: server.model_server.scanned, 10, "the first listing")
+        waiting = client.get("/readyz")
+        if waiting.status_code == 503:  # unless the start-up timeout already passed
+            assert "settling: mlp version 1" in waiting.json()["reason"]
+        wait_for(lambda: server.model_server.ready, 10, "the start-up timeout")
         marked = client.post("/models/marked/predict", json={"inputs": X})
         assert marked.status_code == 200
         unmarked = client.post("/models/mlp/predict", json={"inputs": X})
         assert unmarked.status_code == 503
         assert unmarked.json()["error"]["code"] == "version_settling"
+        assert unmarked.headers["retry-after"] == "1"
 
 
 def test_version_uploaded_object_by_object_is_never_served_half_complete(
