@@ -172,7 +172,7 @@ class ModelServer:
         self._tasks.append(asyncio.create_task(self._startup_timeout()))
         self._update_readiness()
 
-    def _update_readiness(self) -> None:
+    def _update_readiness(self, timed_out: bool = False) -> None:
         if self.ready or self._first_scan_keys is None:
             return
         lifecycle = self.lifecycle
@@ -187,7 +187,7 @@ class ModelServer:
             self._not_ready = None
             self.discovery.starting = False
             logger.info("ready: every version found at start is settled")
-        elif time.monotonic() >= self._startup_deadline:
+        elif timed_out or time.monotonic() >= self._startup_deadline:
             self._not_ready = None
             self.discovery.starting = False
             logger.warning(
@@ -200,7 +200,7 @@ class ModelServer:
 
     async def _startup_timeout(self) -> None:
         await asyncio.sleep(max(self._startup_deadline - time.monotonic(), 0.0))
-        self._update_readiness()
+        self._update_readiness(timed_out=True)
 
     async def _import_backends(self) -> None:
         """Import the runtimes that the repository's models need before the server says it is
