@@ -77,6 +77,7 @@ class Discovery:
         self._watch_stop = threading.Event()
         self._watched: Hashable | None = None
         self._rewatch = asyncio.Event()
+        self._watch_lost = False
         self.first_failure: str | None = None
 
     @property
@@ -112,6 +113,7 @@ class Discovery:
                 records = await run_sync(self.repository.scan)
             except Exception as exc:
                 failures += 1
+                self._watch_lost = True  # whatever it watched is gone or unreadable
                 self._scan_failed(exc, failures)
                 cap = poll if poll is not None else _LOCAL_RETRY_CAP_S
                 await self._wait(min(0.25 * 2 ** (failures - 1), max(cap, 0.1)))
@@ -198,7 +200,10 @@ class Discovery:
         repository = self.repository
         if not self.watching or not isinstance(repository, LocalRepository):
             return
-        if repository.identity() != self._watched:
+        # An inode number can be reused by a root deleted and recreated: an outage seen in
+        # between also means the old watch is dead.
+        if self._watch_lost or repository.identity() != self._watched:
+            self._watch_lost = False
             self._rewatch.set()
             self._watch_stop.set()
 

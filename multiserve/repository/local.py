@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from watchfiles import awatch
+from watchfiles import Change, awatch
 
 from multiserve.backends import BackendRegistry
 from multiserve.catalog import LATEST, VersionRecord
@@ -30,6 +30,7 @@ class LocalRepository:
         self.root = root
         self.registry = registry
         self.allow_external_symlinks = allow_external_symlinks
+        self._absolute_root = os.path.abspath(root)
         self._warned: set[str] = set()
         self._last: dict[str, list[VersionRecord]] = {}
 
@@ -185,15 +186,19 @@ class LocalRepository:
         """Yields after each batch of file-system events under the root, until ``stop``. The
         watch follows the root directory it started on: see `identity`."""
 
+        root = self._absolute_root
+
         def relevant(change: object, path: str) -> bool:
             # The state directory and other dot-directories at the top are not models.
-            relative = os.path.relpath(path, self.root)
-            return not relative.startswith(".")
+            relative = os.path.relpath(path, root)
+            return relative == "." or not relative.startswith(".")
 
-        async for _ in awatch(
-            self.root, watch_filter=relevant, stop_event=stop, debounce=50, step=20
+        async for changes in awatch(
+            root, watch_filter=relevant, stop_event=stop, debounce=50, step=20
         ):
             yield
+            if any(path == root and change == Change.deleted for change, path in changes):
+                return  # the watch died with its directory: the caller watches again
 
 
 def _files(version_dir: Path) -> list[tuple[Path, os.stat_result]]:

@@ -60,7 +60,8 @@ def test_deleted_root_keeps_models_serving_and_its_return_is_picked_up(
     root = tmp_path / "models"
     write_model(root, "m", 2.0)
     write_model(root, "other", 3.0)
-    server = start_server(root)
+    # No waiting on requests for unscanned models: only the watch can find "later" in time.
+    server = start_server(root, settle_wait_s=0)
     with server.client() as client:
         assert answers(client, "m") == 200  # loaded
         with traffic(server, "m") as statuses:
