@@ -25,6 +25,7 @@ from multiserve.errors import (
     VersionNotFound,
 )
 from multiserve.lifecycle import Lifecycle, LoadedEntry
+from multiserve.memory import map_large_blocks
 from multiserve.metrics import Metrics
 from multiserve.repository.bucket import BucketOptions, BucketRepository, is_bucket_url
 from multiserve.repository.disk_cache import DiskCache
@@ -136,6 +137,7 @@ class ModelServer:
 
     async def start(self) -> None:
         set_worker_threads(self.settings.worker_threads)
+        map_large_blocks()  # so that a model's measured cost is the same every time
         if self._generated_token:
             logger.warning(
                 "admin token (generated; set MULTISERVE_ADMIN_TOKEN to choose one): %s",
