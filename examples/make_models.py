@@ -195,7 +195,7 @@ def _same_torchscript(path: Path, scripted: Any) -> bool:
     import torch
 
     try:
-        existing = torch.jit.load(str(path))
+        existing = torch.jit.load(str(path))  # type: ignore[no-untyped-call]
     except (OSError, RuntimeError, ValueError):
         return False
     ours, theirs = scripted.state_dict(), existing.state_dict()

@@ -114,9 +114,16 @@ def test_every_switch_is_a_bare_flag_and_a_negated_one() -> None:
 
 
 def test_serve_help_shows_defaults_and_bucket_urls() -> None:
+    import argparse
+
     from multiserve.cli import build_parser
 
-    serve = build_parser()._subparsers._group_actions[0].choices["serve"]  # type: ignore[union-attr]
+    (commands,) = [
+        action
+        for action in build_parser()._actions
+        if isinstance(action, argparse._SubParsersAction)
+    ]
+    serve = commands.choices["serve"]
     text = " ".join(serve.format_help().split())
     for url in ("s3://", "gs://", "az://"):
         assert url in text
