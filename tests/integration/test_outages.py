@@ -65,7 +65,10 @@ def test_deleted_root_keeps_models_serving_and_its_return_is_picked_up(
     with server.client() as client:
         assert answers(client, "m") == 200  # loaded
         with traffic(server, "m") as statuses:
-            shutil.rmtree(root)
+            # Gone at once, as an unmount does (`rm -rf` can be seen half done, and a listing
+            # that lost only some models retires those, as it should).
+            root.rename(tmp_path / "trash")
+            shutil.rmtree(tmp_path / "trash")
             wait_for(lambda: readiness(client) == "degraded", 10, "degraded readiness")
             ready = client.get("/readyz")
             assert ready.status_code == 200  # the loaded models serve: keep routing here
