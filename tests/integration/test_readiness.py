@@ -3,15 +3,20 @@ there at start; a request for a version still settling, or not yet scanned, wait
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 
 from examples.make_models import scaled_onnx_bytes
+from multiserve.backends import BackendRegistry
+from multiserve.state import OperatorState
 from tests.conftest import RunningServer, StartServer
 from tests.helpers import wait_for
+from tests.npz_backend import write_npz_model
 
 X = [[1.0, 2.0, 3.0, 4.0]]
 
@@ -119,3 +124,23 @@ def test_request_for_a_settling_version_waits_then_answers(
         asking.join(timeout=15)
     assert results[0].status_code == 200, results[0].text
     assert results[0].json()["outputs"]["y"] == [[2.0, 4.0, 6.0, 8.0]]
+
+
+def test_pinned_versions_load_before_the_server_says_ready(
+    start_server: StartServer, tmp_path: Path, npz_registry: BackendRegistry
+) -> None:
+    write_npz_model(tmp_path / "slow" / "1", np.eye(2))
+    (tmp_path / "slow" / "config.toml").write_text("load_delay_s = 1.0\n")
+    (tmp_path / ".multiserve").mkdir()
+    (tmp_path / ".multiserve" / "state.json").write_text(
+        json.dumps(OperatorState().with_pin(("slow", 1), True).to_json())
+    )
+    server = start_server(tmp_path, npz_registry)
+    with server.client() as client:
+        wait_for(lambda: "loading pinned" in client.get("/readyz").text, 10, "the pinned load")
+        assert client.get("/readyz").json() == {
+            "status": "not_ready",
+            "reason": "waiting for the repository's versions: loading pinned: slow version 1",
+        }
+        wait_for(lambda: client.get("/readyz").status_code == 200, 10, "ready")
+        assert ("slow", 1) in server.model_server.lifecycle.cache
