@@ -16,13 +16,15 @@ import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable, Hashable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from multiserve.catalog import VersionRecord
 from multiserve.concurrency import run_sync
-from multiserve.metrics import Metrics
 from multiserve.repository import RepositoryUnavailable, describe
 from multiserve.repository.local import LocalRepository
+
+if TYPE_CHECKING:
+    from multiserve.metrics import Metrics
 
 logger = logging.getLogger("multiserve.server")
 
