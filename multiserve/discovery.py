@@ -81,6 +81,7 @@ class Discovery:
         self._rewatch = asyncio.Event()
         self._watch_lost = False
         self.first_failure: str | None = None
+        self._published = False
 
     @property
     def degraded_reason(self) -> str | None:
@@ -129,7 +130,10 @@ class Discovery:
             self.scans_done += 1
             self.metrics.scans.inc()
             self.metrics.scan_duration.observe(time.perf_counter() - started)
-            if not self.scanned.is_set():
+            if not self._published:
+                # The first scan that worked (an earlier one may have failed: then requests
+                # were already answered, with what there was).
+                self._published = True
                 await self.first_scan()
                 self.scanned.set()
             self._check_watch()

@@ -126,11 +126,21 @@ class ModelServer:
             return self.discovery.first_failure  # the repository could not be read at all
         return self._not_ready
 
+    @not_ready_reason.setter
+    def not_ready_reason(self, reason: str | None) -> None:
+        """Say not ready (with why) or ready, as a shutdown does; start-up's own checks keep
+        setting it while the first scan's versions settle."""
+        self._not_ready = reason
+
     @property
     def degraded_reason(self) -> str | None:
         """Set while the repository cannot be trusted (unreadable, or suddenly empty): the
         loaded models keep serving."""
         return self.discovery.degraded_reason
+
+    @degraded_reason.setter
+    def degraded_reason(self, reason: str | None) -> None:
+        self.discovery.outage = reason
 
     def _request_scan(self) -> None:
         self.discovery.request_scan()

@@ -403,3 +403,19 @@ def test_emptied_bucket_keeps_models_serving_then_serves_new_uploads(
         assert client.get("/readyz").json() == {"status": "ready"}
         # The new listing is the repository now: mlp, gone from it, retires.
         assert client.post("/models/mlp/predict", json={"inputs": X}).status_code == 404
+
+
+def test_a_bucket_unreachable_at_start_is_served_once_it_answers(
+    bucket_server: Callable[..., RunningServer], s3: S3, tmp_path: Path
+) -> None:
+    upload_mlp(s3, tmp_path, 1, seed=1)
+    s3.stop()
+    server = bucket_server(poll_interval_s=0.2)
+    with server.client() as client:
+        wait_for(lambda: server.model_server.scanned, 20, "the first (failed) listing")
+        waiting = client.get("/readyz")
+        assert waiting.status_code == 503
+        assert "cannot be read" in waiting.json()["reason"]
+        s3.restart()
+        wait_for(lambda: client.get("/readyz").status_code == 200, 30, "ready")
+        assert client.post("/models/mlp/predict", json={"inputs": X}).status_code == 200
