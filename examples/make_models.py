@@ -1,18 +1,23 @@
 """Build small, real example models (ONNX, TorchScript, torch.export, a Python predictor) into a
 model repository.
 
-    python examples/make_models.py [--out examples/models]
+    .venv/bin/python examples/make_models.py [--out examples/models]
 
-The functions are also what the tests build their models with.
+Running it again changes nothing: a file whose model is already there, identical, is left
+untouched (a server watching the folder sees no change), and a changed file is replaced in one
+rename, never written in place. The functions are also what the tests build their models with.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
-import shutil
+import os
+import tempfile
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -122,8 +127,26 @@ def _save(graph: onnx.GraphProto, path: Path) -> Path:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
     model.ir_version = 8
     onnx.checker.check_model(model)
+    return write_if_changed(path, model.SerializeToString())
+
+
+def write_if_changed(path: Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` unless it already holds exactly that; a new file appears in
+    one rename, so a reader never sees it half written."""
+    try:
+        if path.read_bytes() == data:
+            return path
+    except FileNotFoundError:
+        pass
     path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as stream:
+            stream.write(data)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
     return path
 
 
@@ -155,26 +178,44 @@ def write_torchscript(version_dir: Path, seed: int) -> Path:
     that names its tensors."""
     import torch
 
-    version_dir.mkdir(parents=True, exist_ok=True)
+    path = version_dir / "model.pt"
+    module = _torch_mlp(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        torch.jit.script(_torch_mlp(seed)).save(str(version_dir / "model.pt"))
-    (version_dir / "config.toml").write_text(TORCHSCRIPT_CONFIG)
-    return version_dir / "model.pt"
+        scripted = torch.jit.script(module)
+        # TorchScript archives differ from save to save (a random id, the order of generated
+        # code): an existing one holding the same weights is the same model, left as it is.
+        if not _same_torchscript(path, scripted):
+            buffer = io.BytesIO()
+            torch.jit.save(scripted, buffer)
+            write_if_changed(path, buffer.getvalue())
+    write_if_changed(version_dir / "config.toml", TORCHSCRIPT_CONFIG.encode())
+    return path
+
+
+def _same_torchscript(path: Path, scripted: Any) -> bool:
+    import torch
+
+    try:
+        existing = torch.jit.load(str(path))  # type: ignore[no-untyped-call]
+    except (OSError, RuntimeError, ValueError):
+        return False
+    ours, theirs = scripted.state_dict(), existing.state_dict()
+    return ours.keys() == theirs.keys() and all(torch.equal(ours[key], theirs[key]) for key in ours)
 
 
 def write_exported(version_dir: Path, seed: int) -> Path:
     """A ``torch.export`` MLP with a dynamic batch: ``x`` float32 [batch, 4] -> ``output_0``."""
     import torch
 
-    version_dir.mkdir(parents=True, exist_ok=True)
     program = torch.export.export(
         _torch_mlp(seed),
         (torch.zeros(2, 4),),
         dynamic_shapes={"input": {0: torch.export.Dim.DYNAMIC}},
     )
-    torch.export.save(program, str(version_dir / "model.pt2"))
-    return version_dir / "model.pt2"
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    return write_if_changed(version_dir / "model.pt2", buffer.getvalue())
 
 
 # Fisher's iris measurements (cm), their means and standard deviations over the 150 flowers.
@@ -206,12 +247,14 @@ def write_iris_predictor(version_dir: Path) -> Path:
     """A Python predictor (``examples/iris_predictor.py``) around the ``mlp`` model: named
     measurements in, scaled, run through ``mlp``, class labels with probabilities out. It is
     served only by a server started with ``--allow-python-predictors``."""
-    version_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(Path(__file__).with_name("iris_predictor.py"), version_dir / "predictor.py")
-    (version_dir / "scaling.json").write_text(json.dumps(IRIS_SCALING, indent=2) + "\n")
-    (version_dir / "config.toml").write_text(IRIS_CONFIG)
-    (version_dir / "warmup.json").write_text(json.dumps(IRIS_WARMUP) + "\n")
-    return version_dir / "predictor.py"
+    source = Path(__file__).with_name("iris_predictor.py").read_bytes()
+    write_if_changed(
+        version_dir / "scaling.json", (json.dumps(IRIS_SCALING, indent=2) + "\n").encode()
+    )
+    write_if_changed(version_dir / "config.toml", IRIS_CONFIG.encode())
+    write_if_changed(version_dir / "warmup.json", (json.dumps(IRIS_WARMUP) + "\n").encode())
+    # Written last: the version is complete once its predictor is there.
+    return write_if_changed(version_dir / "predictor.py", source)
 
 
 def write_examples(root: Path) -> None:

@@ -103,6 +103,13 @@ class DownloadFailed(ModelLoadFailed):
     code = "download_failed"
 
 
+class VersionGone(ModelLoadFailed):
+    """The version's files left the repository before it loaded: the catalog is stale. The
+    lifecycle rescans and answers as the repository now stands (usually 404)."""
+
+    code = "version_gone"
+
+
 class BackendNotInstalled(ModelLoadFailed):
     code = "backend_not_installed"
 

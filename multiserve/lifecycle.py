@@ -1,31 +1,27 @@
-"""A version's life: settling, single-flight loads with warm-up, atomic swaps, LRU eviction
-with drain-then-close.
+"""A version's life: single-flight loads, atomic swaps, LRU eviction with drain-then-close.
 
-Every state change here happens on the event loop in code that does not await in between, so
-each one is atomic with respect to requests; loads and closes run in worker threads. A model's
-loads are serialised by a per-model lock: one transition per model at a time.
+The coordinator between the pure decisions of `multiserve.policy` and the blocking mechanics
+of `multiserve.loading`. Every state change here happens on the event loop in code that does
+not await in between, so each one is atomic with respect to requests; loads and closes run in
+worker threads. A model's loads are serialised by a per-model lock: one transition per model at
+a time.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
 import logging
-import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from enum import StrEnum
-from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Protocol, TypeVar
 
-import numpy as np
-
-from multiserve import codecs, payloads
-from multiserve.backends import BackendRegistry, load_model
-from multiserve.batching import Dispatcher, Predict, Prepare, check_batchable
+from multiserve import payloads, policy
+from multiserve.backends import BackendRegistry
+from multiserve.batching import Dispatcher, Prepare
 from multiserve.cache import CacheFull, ModelCache
 from multiserve.catalog import LATEST, Catalog, Ident, Key, VersionRecord
 from multiserve.concurrency import run_sync
@@ -35,38 +31,37 @@ from multiserve.errors import (
     ModelLoadFailed,
     ModelTooLarge,
     MultiserveError,
-    PredictionFailed,
-    VersionNotFound,
+    NotFound,
+    VersionGone,
     VersionSettling,
 )
-from multiserve.memory import release_freed_memory, rss_bytes
-from multiserve.types import (
-    Array,
-    Backend,
-    Describable,
-    LoadContext,
-    LoadedModel,
-    Model,
-    ModelMetadata,
-    PayloadModel,
-    TensorSpec,
+from multiserve.loading import (
+    WARMUP_JSON,
+    WARMUP_NPZ,
+    Loader,
+    LocalFiles,
+    VersionSource,
+    predictor,
 )
+from multiserve.memory import MemoryCost, MemoryMeter
+from multiserve.policy import VersionState
+from multiserve.types import Describable, LoadContext, Model, PayloadModel
+
+__all__ = [
+    "WARMUP_JSON",
+    "WARMUP_NPZ",
+    "Lease",
+    "Lifecycle",
+    "LifecycleObserver",
+    "LoadedEntry",
+    "VersionSource",
+    "VersionState",
+]
 
 logger = logging.getLogger("multiserve.lifecycle")
 
 T = TypeVar("T")
-WARMUP_NPZ = "warmup.npz"
 _ACQUIRE_ATTEMPTS = 3
-WARMUP_JSON = "warmup.json"
-
-
-class VersionState(StrEnum):
-    SETTLING = "settling"  # files still being written; not a model yet
-    AVAILABLE = "available"  # complete, not loaded; loads on its first request
-    DOWNLOADING = "downloading"  # fetching its files from a bucket into the disk cache
-    LOADING = "loading"  # loading and warming up
-    READY = "ready"
-    FAILED = "failed"  # the error is kept and shown; other versions keep serving
 
 
 @dataclass(slots=True, eq=False)
@@ -81,6 +76,7 @@ class LoadedEntry:
     in_flight: int = 0  # requests running on it now; it is closed only at zero
     retiring: bool = False  # out of the cache; closes when in_flight reaches zero
     closed: bool = False
+    memory: MemoryCost | None = None  # how memory_bytes was obtained
 
 
 class LifecycleObserver(Protocol):
@@ -95,26 +91,6 @@ class LifecycleObserver(Protocol):
     def swapped(self, model: str) -> None: ...
 
     def inferred(self, model: str, version: int, seconds: float) -> None: ...
-
-
-class VersionSource(Protocol):
-    """Where a version's files come from: a local directory, or a bucket via a disk cache."""
-
-    def materialize(self, record: VersionRecord) -> Path:
-        """The version's files on local disk (blocking: downloads if it has to)."""
-        ...
-
-    def progress(self, record: VersionRecord) -> tuple[int, int] | None:
-        """(bytes done, bytes in all) while the version downloads, else None."""
-        ...
-
-
-class _LocalFiles:
-    def materialize(self, record: VersionRecord) -> Path:
-        return record.path
-
-    def progress(self, record: VersionRecord) -> tuple[int, int] | None:
-        return None
 
 
 class _Unobserved:
@@ -142,27 +118,6 @@ class Lease:
     model: Model
 
 
-def _predictor(record: VersionRecord, model: LoadedModel, observer: LifecycleObserver) -> Predict:
-    """The model's predict as its dispatcher calls it (blocking, in a worker thread). An
-    exception inside the model becomes PredictionFailed (500); the model stays loaded and keeps
-    serving."""
-    name, version = record.name, record.version
-
-    def predict(inputs: Mapping[str, Array]) -> dict[str, Array]:
-        started = time.perf_counter()
-        try:
-            outputs = model.predict(inputs)
-        except Exception as exc:
-            logger.exception("%s version %d raised during predict", name, version)
-            raise PredictionFailed(
-                f"{name} version {version}: the model raised {type(exc).__name__}: {exc}"
-            ) from None
-        observer.inferred(name, version, time.perf_counter() - started)
-        return {key: np.asarray(value) for key, value in outputs.items()}
-
-    return predict
-
-
 class Lifecycle:
     def __init__(
         self,
@@ -172,6 +127,8 @@ class Lifecycle:
         max_models: int = 0,
         max_memory: int = 0,
         settle_window_s: float = 1.0,
+        settle_wait_s: float = 0.0,
+        rescan: Callable[[], None] | None = None,
         version_policy: str = "latest",
         warmup: bool = True,
         observer: LifecycleObserver | None = None,
@@ -182,11 +139,25 @@ class Lifecycle:
     ) -> None:
         self.registry = registry
         self.observer: LifecycleObserver = observer if observer is not None else _Unobserved()
-        self.source: VersionSource = source if source is not None else _LocalFiles()
+        self.source: VersionSource = source if source is not None else LocalFiles()
         self.default_device = default_device
         self.settle_window_s = settle_window_s
+        self.settle_wait_s = settle_wait_s
+        # Asks discovery for a scan soon (the repository may hold what the catalog does not).
+        self._rescan: Callable[[], None] = rescan if rescan is not None else lambda: None
+        # Set, and replaced, by every reconcile: what a request waiting for a scan awaits.
+        self._scan_seen = asyncio.Event()
         self.version_policy = version_policy
         self.warmup = warmup
+        # Loads and closes that may run at once. One (the default) makes each load's growth
+        # of the process's memory measurable, and bounds the memory held by loads in flight.
+        self.loader = Loader(
+            registry,
+            self.source,
+            MemoryMeter(load_threads),
+            default_device=default_device,
+            warmup=warmup,
+        )
         self.inference_threads = inference_threads
         self.max_batch_size = max_batch_size
         self.catalog = Catalog()
@@ -201,12 +172,6 @@ class Lifecycle:
         self._locks: dict[str, asyncio.Lock] = {}
         self._promotions: dict[Ident, asyncio.Task[None]] = {}
         self._closing: set[asyncio.Task[None]] = set()
-        # Loads and closes that may run at once. One (the default) makes each load's growth
-        # of the process's memory measurable, and bounds the memory held by loads in flight.
-        self._memory_gate = threading.Semaphore(load_threads)
-        self._measure_lock = threading.Lock()
-        self._memory_running = 0
-        self._memory_events = 0
         self.loads = 0
         self.load_failures = 0
         self.evictions = 0
@@ -217,44 +182,28 @@ class Lifecycle:
     def reconcile(self, records: list[VersionRecord], now: float) -> float | None:
         """Publish what a scan found. Returns the seconds until a settling version should be
         looked at again, or None if none is settling."""
-        old = self.catalog
-        hot = {key[0] for key in self.cache}
-        published: list[VersionRecord] = []
-        next_check: float | None = None
-        for record in records:
-            settled = record.marker or now - record.changed_at >= self.settle_window_s
-            if not settled:
-                wait = record.changed_at + self.settle_window_s - now
-                next_check = wait if next_check is None else min(next_check, wait)
-            previous = old.find(record.key)
-            newly_settled = settled and (
-                previous is None
-                or previous.fingerprint != record.fingerprint
-                or not previous.settled
-            )
-            if newly_settled:
-                staged = record.name in hot and self._newer_than_served(record)
-            else:
-                staged = settled and previous is not None and previous.staged
-            published.append(dataclasses.replace(record, settled=settled, staged=staged))
-
-        self.catalog = Catalog.from_records(published)
-        current = {record.ident for record in published}
+        result = policy.reconcile(
+            self.catalog, records, now, self.settle_window_s, self.cache.keys(), self._failures
+        )
+        self.catalog = result.catalog
+        current = {record.ident for record in self.catalog.records()}
         self._failures = {ident: e for ident, e in self._failures.items() if ident in current}
-        for key, entry in self.cache.items():
-            if self.catalog.find(key) is None:
+        for key in result.removed:
+            entry = self.cache.peek(key)
+            if entry is not None:
                 logger.info("%s version %d was removed: retiring it", key[0], key[1])
                 self._retire(entry, "removed")
-        for record in published:
-            if record.staged and record.ident not in self._promotions:
+        for record in result.staged:
+            if record.ident not in self._promotions:
                 self._promotions[record.ident] = asyncio.create_task(self._promote(record))
-        return None if next_check is None else max(next_check, 0.0)
+        seen, self._scan_seen = self._scan_seen, asyncio.Event()
+        seen.set()
+        return result.next_check
 
-    def _newer_than_served(self, record: VersionRecord) -> bool:
-        if record.key in self.cache:
-            return True  # the files of a loaded version changed: reload before serving them
-        served = self.latest(record.name) if record.name in self.catalog.models else None
-        return served is None or record.version > served.version
+    @property
+    def failures(self) -> Mapping[Ident, ModelLoadFailed | ModelTooLarge]:
+        """Why each set of files that failed cannot serve (kept until the files change)."""
+        return MappingProxyType(self._failures)
 
     async def _promote(self, record: VersionRecord) -> None:
         """Load and warm a newer version of a hot model, then, in one step, let it serve."""
@@ -277,79 +226,35 @@ class Lifecycle:
             self._apply_version_policy(record)
 
     def _apply_version_policy(self, promoted: VersionRecord) -> None:
-        if (promoted.version_policy or self.version_policy) != "latest":
-            return
         labelled = set(self.labels.get(promoted.name, {}).values())
-        for key, entry in self.cache.items():
-            if (
-                key[0] == promoted.name
-                and key != promoted.key
-                and not self.cache.is_pinned(key)
-                and key[1] not in labelled
-            ):
+        for key in policy.superseded(
+            promoted, self.cache.keys(), self.cache.pins, labelled, self.version_policy
+        ):
+            entry = self.cache.peek(key)
+            if entry is not None:
                 self._retire(entry, "version_policy")
 
     # --- what requests see ----------------------------------------------------------------
 
     def state(self, record: VersionRecord) -> tuple[VersionState, str | None]:
         """The version's state and, when it failed, why."""
-        if record.problem is not None:
-            return VersionState.FAILED, record.problem
         failure = self._failures.get(record.ident)
-        error = None if failure is None else failure.message
-        if record.key in self.cache:
-            return VersionState.READY, error
-        if record.ident in self._loads:
-            if self.source.progress(record) is not None:
-                return VersionState.DOWNLOADING, None
-            return VersionState.LOADING, None
-        if failure is not None:
-            return VersionState.FAILED, error
-        if not record.settled:
-            return VersionState.SETTLING, None
-        return VersionState.AVAILABLE, None
-
-    def _servable(self, record: VersionRecord) -> bool:
-        if record.key in self.cache:
-            return True  # loaded files keep serving while new ones settle or warm up
-        return (
-            record.settled
-            and not record.staged
-            and record.problem is None
-            and record.ident not in self._failures
+        loading = record.ident in self._loads
+        return policy.state(
+            record,
+            loaded=record.key in self.cache,
+            loading=loading,
+            downloading=loading and self.source.progress(record) is not None,
+            failure=None if failure is None else failure.message,
         )
 
     def latest(self, name: str) -> VersionRecord | None:
         """The version ``latest`` means now: the highest that can serve."""
-        for record in self.catalog.model(name).descending():
-            if self._servable(record):
-                return record
-        return None
+        return policy.latest(self.catalog, name, self.cache, self._failures)
 
     def resolve(self, name: str, selector: str) -> list[VersionRecord]:
         """The versions a URL's version part may mean, best first."""
-        label = self.labels.get(name, {}).get(selector)
-        if label is not None:
-            record = self.catalog.model(name).versions.get(label)
-            if record is None:
-                raise VersionNotFound(
-                    f"label {selector!r} of {name!r} points to version {label}, which is not "
-                    "in the repository"
-                )
-            return [record]
-        candidates = self.catalog.candidates(name, selector)
-        if selector != LATEST:
-            return candidates
-        servable = [record for record in candidates if self._servable(record)]
-        if not servable:
-            if all(not record.settled for record in candidates):
-                raise VersionSettling(f"model {name!r} has no version ready yet: still settling")
-            failing = next((r for r in candidates if r.settled), candidates[0])
-            _, error = self.state(failing)
-            raise ModelLoadFailed(
-                f"model {name!r} has no version that loads; newest error: {error}"
-            )
-        return servable
+        return policy.resolve(self.catalog, self.labels, name, selector, self.cache, self._failures)
 
     @asynccontextmanager
     async def lease(self, name: str, selector: str) -> AsyncIterator[Lease]:
@@ -428,7 +333,42 @@ class Lifecycle:
     async def acquire(self, name: str, selector: str, *, ahead: bool = False) -> LoadedEntry:
         """The loaded model, loading it if needed. ``ahead``: loading ahead of traffic (an
         operator's load or pin), so warm it up even without a warm-up sample; a request's own
-        load skips that, since the request is the first inference anyway."""
+        load skips that, since the request is the first inference anyway.
+
+        Waits up to ``settle_wait_s`` for what the next scans may settle: a version still being
+        written, one the repository holds but no scan has seen yet, one whose files vanished
+        before it loaded (the rescan then answers 404, or loads what is there now)."""
+        loop = asyncio.get_running_loop()
+        deadline: float | None = None
+        probed = False
+        while True:
+            try:
+                return await self._acquire(name, selector, ahead)
+            except VersionSettling as exc:
+                error: MultiserveError = exc
+            except VersionGone as exc:
+                error = exc
+                self._rescan()
+            except NotFound as exc:
+                if probed or self.settle_wait_s <= 0:
+                    raise
+                probed = True
+                if not await run_sync(self.source.holds, name, selector):
+                    raise
+                error = exc
+                self._rescan()
+            if deadline is None:
+                deadline = loop.time() + self.settle_wait_s
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise error
+            seen = self._scan_seen
+            try:
+                await asyncio.wait_for(seen.wait(), remaining)
+            except TimeoutError:
+                raise error from None
+
+    async def _acquire(self, name: str, selector: str, ahead: bool) -> LoadedEntry:
         candidates = self.resolve(name, selector)
         if selector != LATEST:
             return await self._entry(candidates[0], ahead)
@@ -437,6 +377,8 @@ class Lifecycle:
         for record in candidates:
             try:
                 return await self._entry(record, ahead)
+            except VersionGone:
+                raise
             except (ModelLoadFailed, ModelTooLarge) as exc:
                 first_error = first_error or exc
         assert first_error is not None
@@ -450,11 +392,8 @@ class Lifecycle:
         """The cache's entry for ``record`` if it may serve it: loaded from the same files,
         or from earlier files while new ones settle, wait to be staged, or failed to load."""
         entry = self.cache.get(record.key)
-        if entry is not None and (
-            entry.record.fingerprint == record.fingerprint
-            or record.staged
-            or not record.settled
-            or record.ident in self._failures
+        if entry is not None and policy.may_serve_loaded(
+            entry.record.fingerprint, record, self._failures
         ):
             entry.last_used = time.time()
             return entry
@@ -464,15 +403,9 @@ class Lifecycle:
         entry = self._loaded(record)
         if entry is not None:
             return entry
-        if record.problem is not None:
-            raise ModelLoadFailed(record.problem)
-        failure = self._failures.get(record.ident)
-        if failure is not None:
-            raise type(failure)(failure.message)
-        if not record.settled:
-            raise VersionSettling(
-                f"{record.name} version {record.version} is still being written (settling)"
-            )
+        error = policy.unavailable(record, self._failures)
+        if error is not None:
+            raise error
         return await self._load_shared(record, ahead)
 
     async def _load_shared(self, record: VersionRecord, ahead: bool) -> LoadedEntry:
@@ -498,29 +431,40 @@ class Lifecycle:
                 self._victims(record.key, record.size_bytes, what)
                 started = time.perf_counter()
                 try:
-                    model, nbytes = await run_sync(self._load_blocking, record, ahead)
+                    context = dataclasses.replace(
+                        self.context, name=record.name, version=record.version
+                    )
+                    model, cost = await run_sync(
+                        self.loader.load, record, ahead, self._batch_size(record), context
+                    )
                 except ModelLoadFailed as exc:
-                    if not isinstance(exc, DownloadFailed):  # an outage is no verdict on the files
+                    # An outage, or files that are gone, is no verdict on the files.
+                    if not isinstance(exc, DownloadFailed | VersionGone):
                         self._failures[record.ident] = exc
                     self.load_failures += 1
                     self.observer.load_failed(record.name)
                     logger.error("%s", exc.message)
                     raise
                 seconds = time.perf_counter() - started
+                nbytes = cost.nbytes
                 entry = LoadedEntry(
                     record,
                     model,
                     nbytes,
                     seconds,
                     self._dispatcher(record, model),
+                    memory=cost,
                 )
                 try:
                     self._admit(entry, what)
                 except MultiserveError as exc:
                     entry.retiring = True
                     self._close_when_idle(entry)
-                    if isinstance(exc, ModelTooLarge) and nbytes > self.cache.max_bytes > 0:
-                        # Larger than the whole budget: retrying could only fail the same way.
+                    if isinstance(exc, ModelTooLarge) and policy.refusal_lasts(
+                        nbytes, self.cache.max_bytes, cost.measured
+                    ):
+                        # Clearly larger than the whole budget: a retry could only fail the
+                        # same way. Within the measurement's noise, the next request retries.
                         self._failures[record.ident] = exc
                     raise
         finally:
@@ -529,9 +473,6 @@ class Lifecycle:
         self.observer.loaded(record.name, seconds)
         logger.info("loaded %s (%s, %d bytes) in %.3f s", what, record.backend, nbytes, seconds)
         return entry
-
-    def _warms(self, record: VersionRecord) -> bool:
-        return record.warmup if record.warmup is not None else self.warmup
 
     def _batch_size(self, record: VersionRecord) -> int:
         return record.max_batch_size or self.max_batch_size
@@ -551,7 +492,7 @@ class Lifecycle:
             )
         return Dispatcher(
             f"{record.name}-{record.version}",
-            _predictor(record, model, self.observer),
+            predictor(record, model, self.observer),
             max_batch_size=batch,
             threads=threads,
         )
@@ -580,91 +521,6 @@ class Lifecycle:
         if replaced is not None:
             self._count_eviction(replaced, "replaced")
             self._retire_entry(replaced)
-
-    def _load_blocking(self, record: VersionRecord, ahead: bool) -> tuple[Model, int]:
-        what = f"{record.name} version {record.version}"
-        if record.backend is None:
-            raise ModelLoadFailed(f"{what}: no backend can load it")
-        try:
-            backend = self.registry.get(record.backend)
-        except ModelLoadFailed as exc:
-            raise type(exc)(f"{what}: {exc.message}") from exc
-        options = {"device": self.default_device, **record.options}
-        try:
-            path = self.source.materialize(record)
-        except Exception as exc:
-            raise DownloadFailed(
-                f"{what}: downloading its files failed: {type(exc).__name__}: {exc}"
-            ) from exc
-        with self._memory_gate, self._memory_work() as alone:
-            before = rss_bytes()
-            model = self._load_and_warm(record, path, backend, options, ahead)
-            after = rss_bytes()
-            # What the process grew by belongs to this load only if nothing else that moves
-            # memory (another load, a close) ran beside it.
-            measured = alone() and before is not None and after is not None
-        if isinstance(model, PayloadModel) and self._warms(record):
-            # Outside the gate: a pipeline's warm-up may load the models it calls.
-            payloads.warm_up(path, what, model)
-        grown = after - before if measured and before is not None and after is not None else 0
-        # The backend's own figure, or what the process grew by, whichever is larger: some
-        # runtimes allocate far more than their weights (arenas, compiled kernels).
-        return model, max(int(model.memory_bytes), grown)
-
-    @contextmanager
-    def _memory_work(self) -> Iterator[Callable[[], bool]]:
-        """Brackets work that moves the process's memory; yields whether it has run alone."""
-        with self._measure_lock:
-            self._memory_running += 1
-            self._memory_events += 1
-            alone_at_start = self._memory_running == 1
-            events = self._memory_events
-        try:
-            yield lambda: alone_at_start and self._memory_events == events
-        finally:
-            with self._measure_lock:
-                self._memory_running -= 1
-
-    def _close(self, entry: LoadedEntry) -> None:
-        with self._memory_gate, self._memory_work():
-            _close(entry)
-
-    def _load_and_warm(
-        self,
-        record: VersionRecord,
-        path: Path,
-        backend: Backend,
-        options: dict[str, Any],
-        ahead: bool,
-    ) -> Model:
-        what = f"{record.name} version {record.version}"
-        context = dataclasses.replace(self.context, name=record.name, version=record.version)
-        try:
-            if record.artifact is not None:
-                _verify_checksum(path / record.artifact)
-            model = load_model(backend, path, options, context)
-        except MultiserveError as exc:
-            raise ModelLoadFailed(f"{what}: {exc.message}") from exc
-        except Exception as exc:
-            logger.debug("load of %s failed", what, exc_info=True)
-            raise ModelLoadFailed(f"{what} failed to load: {type(exc).__name__}: {exc}") from exc
-        if not isinstance(model, PayloadModel | LoadedModel) or not isinstance(
-            model.metadata, ModelMetadata
-        ):
-            raise ModelLoadFailed(f"{what}: backend {record.backend!r} returned no LoadedModel")
-        try:
-            if not isinstance(model, PayloadModel):
-                check_batchable(model.metadata, self._batch_size(record))
-        except ValueError as exc:
-            model.close()
-            raise ModelLoadFailed(f"{what}: {exc}") from None
-        try:
-            if isinstance(model, LoadedModel) and self._warms(record):
-                _warm_up(record, model, synthesize=ahead)
-        except ModelLoadFailed:
-            model.close()
-            raise
-        return model
 
     # --- retiring and closing -------------------------------------------------------------
 
@@ -699,7 +555,9 @@ class Lifecycle:
         if not entry.retiring or entry.in_flight > 0 or entry.closed:
             return
         entry.closed = True
-        task = asyncio.get_running_loop().create_task(run_sync(self._close, entry))
+        task = asyncio.get_running_loop().create_task(
+            run_sync(self.loader.close, entry.record, entry.model, entry.dispatcher)
+        )
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
@@ -742,6 +600,8 @@ class Lifecycle:
         entry = self.cache.peek(record.key)
         if entry is not None:
             described["memory_bytes"] = entry.memory_bytes
+            if entry.memory is not None:
+                described["memory"] = entry.memory.to_json()
             described["load_seconds"] = round(entry.load_seconds, 6)
             described.update(entry.model.metadata.to_json())
             if isinstance(entry.model, Describable):
@@ -750,72 +610,3 @@ class Lifecycle:
 
     def loaded_entries(self) -> list[tuple[Key, LoadedEntry]]:
         return list(self.cache.items())
-
-
-def _close(entry: LoadedEntry) -> None:
-    record = entry.record
-    entry.dispatcher.close()  # its queue is empty: nothing holds the model any more
-    try:
-        entry.model.close()
-    except Exception:
-        logger.exception("closing %s version %d failed", record.name, record.version)
-    release_freed_memory()
-    logger.info("closed %s version %d", record.name, record.version)
-
-
-def _verify_checksum(artifact: Path) -> None:
-    sidecar = artifact.with_name(artifact.name + ".sha256")
-    if not sidecar.is_file():
-        return
-    expected = sidecar.read_text().split()[0].lower() if sidecar.read_text().split() else ""
-    digest = hashlib.sha256()
-    with artifact.open("rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    if digest.hexdigest() != expected:
-        raise ModelLoadFailed(
-            f"{artifact.name} does not match {sidecar.name}: sha256 is {digest.hexdigest()}, "
-            f"expected {expected or '(empty file)'}"
-        )
-
-
-def _warm_up(record: VersionRecord, model: LoadedModel, synthesize: bool) -> None:
-    """One inference before the version serves: on ``warmup.npz`` / ``warmup.json`` if the
-    version has one (a failure then fails the load), else, when ``synthesize``, on inputs made
-    from the metadata (a failure is only logged: zeros are not every model's idea of a valid
-    input)."""
-    what = f"{record.name} version {record.version}"
-    metadata = model.metadata
-    sample: Mapping[str, Array] | None = None
-    try:
-        if (record.path / WARMUP_NPZ).is_file():
-            with np.load(record.path / WARMUP_NPZ, allow_pickle=False) as arrays:
-                sample = codecs.check_inputs(dict(arrays), metadata)
-        elif (record.path / WARMUP_JSON).is_file():
-            sample = codecs.decode_json((record.path / WARMUP_JSON).read_bytes(), metadata)
-    except (MultiserveError, OSError, ValueError) as exc:
-        message = exc.message if isinstance(exc, MultiserveError) else str(exc)
-        raise ModelLoadFailed(f"{what}: its warm-up sample is unusable: {message}") from exc
-    if sample is not None:
-        try:
-            model.predict(sample)
-        except Exception as exc:
-            raise ModelLoadFailed(
-                f"{what} failed its warm-up: {type(exc).__name__}: {exc}"
-            ) from exc
-        return
-    if not synthesize:
-        return  # a request is waiting for this load: it is the first inference itself
-    try:
-        model.predict({spec.name: _synthetic(spec) for spec in metadata.inputs})
-    except Exception as exc:
-        logger.warning(
-            "%s: warm-up on synthetic inputs raised %s: %s", what, type(exc).__name__, exc
-        )
-
-
-def _synthetic(spec: TensorSpec) -> Array:
-    shape = tuple(1 if dim < 0 else dim for dim in spec.shape)
-    if spec.dtype == "string":
-        return np.full(shape, "", dtype=np.str_)
-    return np.zeros(shape, dtype=spec.numpy_dtype)

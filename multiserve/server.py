@@ -4,7 +4,6 @@ the operator's decisions about them. Knows nothing of HTTP."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import re
@@ -12,9 +11,11 @@ import secrets
 import time
 from pathlib import Path
 
+from multiserve import policy
 from multiserve.backends import BackendRegistry
 from multiserve.catalog import LATEST, VersionRecord
 from multiserve.concurrency import run_sync, set_worker_threads
+from multiserve.discovery import Discovery
 from multiserve.errors import (
     Conflict,
     InvalidInput,
@@ -24,6 +25,7 @@ from multiserve.errors import (
     VersionNotFound,
 )
 from multiserve.lifecycle import Lifecycle, LoadedEntry
+from multiserve.memory import map_large_blocks
 from multiserve.metrics import Metrics
 from multiserve.pipelines import load_context
 from multiserve.repository.bucket import BucketOptions, BucketRepository, is_bucket_url
@@ -60,6 +62,7 @@ class ModelServer:
                     DiskCache(home / "versions", settings.disk_cache_bytes),
                     options,
                     settings.poll_interval_s,
+                    settings.settle_window_s,
                 )
             except Exception as exc:  # obstore rejects malformed URLs and options
                 raise SettingsError(f"models: cannot open {settings.models!r}: {exc}") from None
@@ -68,7 +71,9 @@ class ModelServer:
             root = Path(settings.models).expanduser()
             if not root.is_dir():
                 raise SettingsError(f"models: {str(root)!r} is not a directory")
-            self.repository = LocalRepository(root, self.registry)
+            self.repository = LocalRepository(
+                root, self.registry, allow_external_symlinks=settings.allow_external_symlinks
+            )
             default_state = root / ".multiserve"
         self.metrics = Metrics()
         self.lifecycle = Lifecycle(
@@ -77,6 +82,8 @@ class ModelServer:
             max_models=settings.max_models,
             max_memory=settings.max_memory,
             settle_window_s=settings.settle_window_s,
+            settle_wait_s=settings.settle_wait_s,
+            rescan=self._request_scan,
             version_policy=settings.version_policy,
             warmup=settings.warmup,
             observer=self.metrics,
@@ -91,21 +98,58 @@ class ModelServer:
         self.operator_state = OperatorState()
         self.admin_token = settings.admin_token or secrets.token_urlsafe(24)
         self._generated_token = not settings.admin_token
-        self._scanned = asyncio.Event()
-        self._changed = asyncio.Event()
-        self._stop = asyncio.Event()
+        self.discovery = Discovery(
+            self.repository,
+            self._publish,
+            self._first_scan,
+            self.metrics,
+            watch=settings.watch,
+            rescan_interval_s=settings.rescan_interval_s,
+            empty_grace_s=settings.empty_grace_s,
+            settle_window_s=settings.settle_window_s,
+            has_models=lambda: bool(self.lifecycle.catalog.models),
+        )
         self._state_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
-        self.not_ready_reason: str | None = "the model repository is being scanned"
-        # Set while the repository cannot be read after it was once: models keep serving.
-        self.degraded_reason: str | None = None
+        self._not_ready: str | None = "the model repository is being scanned"
+        # What start-up waits for: the versions the first scan found, and when it gives up.
+        self._first_scan_keys: list[tuple[str, int]] | None = None
+        self._startup_deadline = 0.0
 
     @property
     def ready(self) -> bool:
+        """Ready means servable: the first scan's versions are settled, pinned versions are
+        loaded (or failed), or the start-up timeout has passed."""
         return self.not_ready_reason is None
+
+    @property
+    def not_ready_reason(self) -> str | None:
+        if self._first_scan_keys is None and self.discovery.first_failure is not None:
+            return self.discovery.first_failure  # the repository could not be read at all
+        return self._not_ready
+
+    @not_ready_reason.setter
+    def not_ready_reason(self, reason: str | None) -> None:
+        """Say not ready (with why) or ready, as a shutdown does; start-up's own checks keep
+        setting it while the first scan's versions settle."""
+        self._not_ready = reason
+
+    @property
+    def degraded_reason(self) -> str | None:
+        """Set while the repository cannot be trusted (unreadable, or suddenly empty): the
+        loaded models keep serving."""
+        return self.discovery.degraded_reason
+
+    @degraded_reason.setter
+    def degraded_reason(self, reason: str | None) -> None:
+        self.discovery.outage = reason
+
+    def _request_scan(self) -> None:
+        self.discovery.request_scan()
 
     async def start(self) -> None:
         set_worker_threads(self.settings.worker_threads)
+        map_large_blocks()  # so that a model's measured cost is the same every time
         self.lifecycle.context = load_context(self.lifecycle, self.settings)
         if self._generated_token:
             logger.warning(
@@ -117,52 +161,61 @@ class ModelServer:
             self.lifecycle.cache.pin(key)
         self.lifecycle.labels = {n: dict(t) for n, t in self.operator_state.labels.items()}
         # Scanning runs in the background so that probes answer while a large repository is read.
-        self._tasks.append(asyncio.create_task(self._discover()))
-        if self.settings.watch and self.repository.poll_interval_s is None:
-            self._tasks.append(asyncio.create_task(self._watch()))
+        self._tasks.append(asyncio.create_task(self.discovery.run()))
+        if self.discovery.watching:
+            self._tasks.append(asyncio.create_task(self.discovery.watch_forever()))
 
-    async def _discover(self) -> None:
-        """Scan, publish, and scan again on every change (or when a settling version is due;
-        or, for a bucket, every poll interval). A failed scan keeps what was published and
-        retries with backoff."""
-        failures = 0
-        poll = self.repository.poll_interval_s
-        while not self._stop.is_set():
-            self._changed.clear()
-            started = time.perf_counter()
-            try:
-                records = await run_sync(self.repository.scan)
-            except Exception as exc:
-                failures += 1
-                self._scan_failed(exc, failures)
-                backoff = min(0.5 * 2 ** (failures - 1), poll or 30.0)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), backoff)
-                continue
-            if failures:
-                logger.warning("repository %s is reachable again", self.repository.root)
-                failures = 0
-                self.degraded_reason = None
-            due = self.lifecycle.reconcile(records, time.time())
-            self.metrics.scans.inc()
-            self.metrics.scan_duration.observe(time.perf_counter() - started)
-            if not self._scanned.is_set():
-                await self._import_backends()
-                self.not_ready_reason = None
-                self._scanned.set()
-                logger.info(
-                    "repository %s: %d models, %d versions",
-                    self.repository.root,
-                    len(self.lifecycle.catalog.models),
-                    len(records),
-                )
-                self._tasks.append(asyncio.create_task(self._load_pinned()))
-            if poll is not None:
-                due = poll
-            elif not self.settings.watch and due is None:
-                return
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), due)
+    def _publish(self, records: list[VersionRecord], now: float) -> float | None:
+        due = self.lifecycle.reconcile(records, now)
+        self._update_readiness()
+        return due
+
+    async def _first_scan(self) -> None:
+        """After the first scan: import the backends its models need, then wait (not ready)
+        for its versions to settle and the pinned ones to load, within startup_timeout_s."""
+        await self._import_backends()
+        catalog = self.lifecycle.catalog
+        logger.info(
+            "repository %s: %d models, %d versions",
+            self.repository.root,
+            len(catalog.models),
+            len(catalog.records()),
+        )
+        self._first_scan_keys = [record.key for record in catalog.records()]
+        self._startup_deadline = time.monotonic() + self.settings.startup_timeout_s
+        self._tasks.append(asyncio.create_task(self._load_pinned()))
+        self._tasks.append(asyncio.create_task(self._startup_timeout()))
+        self._update_readiness()
+
+    def _update_readiness(self, timed_out: bool = False) -> None:
+        if self.ready or self._first_scan_keys is None:
+            return
+        lifecycle = self.lifecycle
+        pending = policy.startup_pending(
+            lifecycle.catalog,
+            self._first_scan_keys,
+            lifecycle.cache.pins,
+            lifecycle.cache,
+            lifecycle.failures,
+        )
+        if not pending:
+            self._not_ready = None
+            self.discovery.starting = False
+            logger.info("ready: every version found at start is settled")
+        elif timed_out or time.monotonic() >= self._startup_deadline:
+            self._not_ready = None
+            self.discovery.starting = False
+            logger.warning(
+                "ready after startup_timeout_s (%g s) with versions still pending: %s",
+                self.settings.startup_timeout_s,
+                "; ".join(pending),
+            )
+        else:
+            self._not_ready = "waiting for the repository's versions: " + "; ".join(pending)
+
+    async def _startup_timeout(self) -> None:
+        await asyncio.sleep(max(self._startup_deadline - time.monotonic(), 0.0))
+        self._update_readiness(timed_out=True)
 
     async def _import_backends(self) -> None:
         """Import the runtimes that the repository's models need before the server says it is
@@ -173,35 +226,12 @@ class ModelServer:
             {r.backend for r in self.lifecycle.catalog.records() if r.backend is not None}
         )
         if names:
-            self.not_ready_reason = f"importing the backends the models need: {', '.join(names)}"
+            self._not_ready = f"importing the backends the models need: {', '.join(names)}"
         for name in names:
             try:
                 await run_sync(self.registry.get, name)
             except MultiserveError:
                 continue
-
-    def _scan_failed(self, exc: Exception, failures: int) -> None:
-        reason = f"the model repository cannot be read: {type(exc).__name__}: {exc}"
-        reason = reason.splitlines()[0][:500]
-        self.metrics.scan_failures.inc()
-        if failures == 1:
-            logger.error("%s (loaded models keep serving; retrying with backoff)", reason)
-        if self._scanned.is_set() and self.not_ready_reason is None:
-            self.degraded_reason = reason
-        else:
-            self.not_ready_reason = reason
-            self._scanned.set()
-
-    async def _watch(self) -> None:
-        assert isinstance(self.repository, LocalRepository)
-        while not self._stop.is_set():
-            try:
-                async for _ in self.repository.changes(self._stop):
-                    self.metrics.events.inc()
-                    self._changed.set()
-            except Exception:
-                logger.exception("watching %s failed; retrying in 1 s", self.repository.root)
-                await asyncio.sleep(1.0)
 
     async def _load_pinned(self) -> None:
         for name, version in sorted(self.operator_state.pins):
@@ -209,18 +239,18 @@ class ModelServer:
                 await self.lifecycle.acquire(name, str(version), ahead=True)
             except MultiserveError as exc:
                 logger.error("pinned %s version %d did not load: %s", name, version, exc.message)
+            self._update_readiness()
 
     @property
     def scanned(self) -> bool:
         """The repository has been scanned once (or failed to be): requests can be resolved."""
-        return self._scanned.is_set()
+        return self.discovery.scanned.is_set()
 
     async def wait_scanned(self) -> None:
-        await self._scanned.wait()
+        await self.discovery.scanned.wait()
 
     async def stop(self) -> None:
-        self._stop.set()
-        self._changed.set()
+        self.discovery.stop()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

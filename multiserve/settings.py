@@ -118,7 +118,10 @@ def _setting(default: Any, parse: Callable[[object], Any], doc: str) -> Any:
 @dataclass(frozen=True, slots=True)
 class Settings:
     models: str = _setting(
-        "", _text, "Model repository: a local directory of <name>/<version>/<artifact>."
+        "",
+        _text,
+        "Model repository: a local directory of <name>/<version>/<artifact>, or a bucket: "
+        "s3://bucket/prefix, gs://bucket/prefix or az://container/prefix.",
     )
     host: str = _setting("127.0.0.1", _text, "Address to listen on; 0.0.0.0 for every interface.")
     port: int = _setting(8000, _int_in(0, 65535), "TCP port to listen on; 0 picks a free one.")
@@ -157,11 +160,19 @@ class Settings:
         "Seconds between listings of a bucket repository (s3://, gs://, az://).",
     )
     bucket_endpoint: str = _setting(
-        "", _text, "Object store endpoint URL, for S3-compatible stores such as MinIO."
+        "",
+        _text,
+        "Object store endpoint URL, for S3-compatible stores such as MinIO. Empty: the "
+        "cloud's environment variables (AWS_ENDPOINT_URL, ...), else the cloud's own.",
     )
-    bucket_region: str = _setting("", _text, "Bucket region (S3). Empty: from AWS_REGION.")
+    bucket_region: str = _setting(
+        "", _text, "Bucket region (S3). Empty: from AWS_REGION / AWS_DEFAULT_REGION."
+    )
     bucket_allow_http: bool = _setting(
-        False, _bool, "Allow plain-HTTP endpoints (an S3-compatible store on a private network)."
+        False,
+        _bool,
+        "Allow plain-HTTP endpoints (an S3-compatible store on a private network). False: "
+        "as the environment says (AWS_ALLOW_HTTP, AZURE_ALLOW_HTTP, GOOGLE_ALLOW_HTTP).",
     )
     disk_cache_dir: str = _setting(
         "", _text, "Where versions downloaded from a bucket are kept. Empty: ~/.cache/multiserve."
@@ -193,11 +204,41 @@ class Settings:
     watch: bool = _setting(
         True, _bool, "Watch the repository and pick up new, changed and deleted versions live."
     )
+    rescan_interval_s: float = _setting(
+        60.0,
+        _positive_float,
+        "A local repository is also scanned in full this often, in case the file-system "
+        "watch missed an event (and with watch off). 0: never.",
+    )
+    empty_grace_s: float = _setting(
+        30.0,
+        _positive_float,
+        "A listing that suddenly holds no models, where the previous one held some, is taken "
+        "for an outage this long (models keep serving, /readyz degraded) before they retire.",
+    )
+    allow_external_symlinks: bool = _setting(
+        False,
+        _bool,
+        "Serve files reached through symbolic links that point outside the repository "
+        "(off: such a version fails with a message naming the link).",
+    )
     settle_window_s: float = _setting(
         1.0,
         _positive_float,
         "A version loads once its files have not changed for this long "
         "(or at once when its READY marker file exists).",
+    )
+    settle_wait_s: float = _setting(
+        5.0,
+        _positive_float,
+        "A request for a version whose files are still settling, or that the repository holds "
+        "but no scan has seen yet, waits this long for it before 503 with Retry-After.",
+    )
+    startup_timeout_s: float = _setting(
+        60.0,
+        _positive_float,
+        "At start, /readyz waits (503, with the reason) until every version the first scan "
+        "found has settled and every pinned version has loaded, or failed; at most this long.",
     )
     version_policy: str = _setting(
         "latest",

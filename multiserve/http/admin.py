@@ -40,6 +40,7 @@ async def cache(request: Request) -> Response:
             "last_used": entry.last_used,
             "loaded_at": entry.loaded_at,
             "in_flight": entry.in_flight,
+            **({"memory": entry.memory.to_json()} if entry.memory is not None else {}),
         }
         for key, entry in store.items()
     ]

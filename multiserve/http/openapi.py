@@ -88,6 +88,17 @@ _TENSOR_SPEC = {
         "shape": {"type": "array", "items": {"type": "integer"}},
     },
 }
+# How a loaded version's memory cost was obtained (GET /admin/cache, a version's description).
+_MEMORY_COST = {
+    "type": "object",
+    "required": ["bytes", "method", "measured_bytes", "reported_bytes"],
+    "properties": {
+        "bytes": {"type": "integer"},
+        "method": {"enum": ["measured", "reported"]},
+        "measured_bytes": {"type": ["integer", "null"]},
+        "reported_bytes": {"type": "integer"},
+    },
+}
 _VERSION_DESCRIPTION = {
     "type": "object",
     "required": ["name", "version", "state", "backend", "artifact", "pinned", "labels"],
@@ -101,6 +112,7 @@ _VERSION_DESCRIPTION = {
         "labels": {"type": "array", "items": {"type": "string"}},
         "error": {"type": "string"},
         "memory_bytes": {"type": "integer"},
+        "memory": _MEMORY_COST,
         "load_seconds": {"type": "number"},
         "inputs": {"type": "array", "items": _ref("TensorSpec")},
         "outputs": {"type": "array", "items": _ref("TensorSpec")},
@@ -263,6 +275,7 @@ _CACHE_REPORT = {
                     "last_used": {"type": "number"},
                     "loaded_at": {"type": "number"},
                     "in_flight": {"type": "integer"},
+                    "memory": _MEMORY_COST,
                 },
             },
         },

@@ -1,7 +1,9 @@
 """A model repository in an object store (``s3://``, ``gs://``, ``az://``) through obstore.
 
 The listing is polled; a version is complete once its listing (keys, sizes, ETags) is the same
-on two consecutive polls, or once its ``READY`` marker object exists. Versions are downloaded
+on two consecutive polls, or once its ``READY`` marker object exists, or, at the first listing
+after start, once every object of it is older than the settle window (it was complete before
+the server started: no second poll needed). Versions are downloaded
 when they are loaded, into a bounded disk cache, so that a model evicted from memory reloads
 without a download.
 """
@@ -10,11 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import threading
 import time
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlparse
@@ -24,6 +28,8 @@ from obstore.store import AzureStore, GCSStore, S3Store
 
 from multiserve.backends import BackendRegistry
 from multiserve.catalog import Ident, VersionRecord
+from multiserve.errors import VersionGone
+from multiserve.repository import RepositoryUnavailable, describe
 from multiserve.repository.classify import NO_ARTIFACT, classify
 from multiserve.repository.disk_cache import DiskCache
 from multiserve.repository.layout import CONFIG_FILE, MARKER_FILE, is_valid_name, parse_version
@@ -46,21 +52,56 @@ class _Object:
     key: str
     size: int
     etag: str
+    modified: float  # the store's last-modified time, as a POSIX timestamp
+
+
+# Each cloud's prefix for its standard environment variables, and the HTTP client options
+# those may set (as object_store reads them: AWS_ALLOW_HTTP, AZURE_PROXY_URL, ...). Client
+# options passed explicitly replace the environment's as a whole, so they are read here and
+# passed along with ours.
+_ENV_PREFIXES = {"s3": "AWS_", "gs": "GOOGLE_", "az": "AZURE_"}
+_CLIENT_KEYS = frozenset(
+    {
+        "allow_http",
+        "allow_invalid_certificates",
+        "connect_timeout",
+        "default_content_type",
+        "http1_only",
+        "http2_only",
+        "http2_keep_alive_interval",
+        "http2_keep_alive_timeout",
+        "http2_keep_alive_while_idle",
+        "pool_idle_timeout",
+        "pool_max_idle_per_host",
+        "proxy_url",
+        "proxy_ca_certificate",
+        "proxy_excludes",
+        "timeout",
+        "user_agent",
+    }
+)
 
 
 def is_bucket_url(text: str) -> bool:
     return urlparse(text).scheme in SCHEMES
 
 
-def open_store(url: str, options: BucketOptions) -> Any:
-    """An obstore store for the URL. Credentials come from each cloud's standard environment
-    variables (``AWS_*``, ``GOOGLE_*``, ``AZURE_*``), as obstore reads them."""
+def open_store(url: str, options: BucketOptions, environ: Mapping[str, str] | None = None) -> Any:
+    """An obstore store for the URL. Everything the settings leave unset comes from each
+    cloud's standard environment variables (``AWS_ENDPOINT_URL``, ``AWS_ALLOW_HTTP``,
+    ``AWS_REGION``, credentials; ``GOOGLE_*``; ``AZURE_*``), as obstore reads them."""
     parsed = urlparse(url)
     bucket, prefix = parsed.netloc, parsed.path.strip("/")
+    environ = os.environ if environ is None else environ
+    env_prefix = _ENV_PREFIXES[parsed.scheme]
     client: dict[str, Any] = {
         "connect_timeout": timedelta(seconds=5),
         "timeout": timedelta(minutes=30),
     }
+    for name, value in environ.items():
+        key = name[len(env_prefix) :].lower()
+        if name.startswith(env_prefix) and key in _CLIENT_KEYS:
+            client[key] = value
     if options.allow_http:
         client["allow_http"] = True
     # A few quick retries: polling retries on its own, with backoff, and an outage must not
@@ -89,12 +130,15 @@ class BucketRepository:
         cache: DiskCache,
         options: BucketOptions,
         poll_interval_s: float,
+        settle_window_s: float = 1.0,
     ) -> None:
         self.url = url
         self.registry = registry
         self.cache = cache
         self.poll_interval_s = poll_interval_s
+        self.settle_window_s = settle_window_s
         self.store = open_store(url, options)
+        self._listed = False
         self._previous: dict[tuple[str, int], str] = {}
         self._first_seen: dict[tuple[str, int, str], float] = {}
         self._configs: dict[str, tuple[str, dict[str, Any] | str]] = {}
@@ -109,10 +153,22 @@ class BucketRepository:
     # --- discovery ------------------------------------------------------------------------
 
     def scan(self) -> list[VersionRecord]:
-        """One poll of the listing. Raises (obstore's errors) when the store cannot be listed;
-        the caller keeps what it had and retries."""
+        """One poll of the listing. Raises RepositoryUnavailable, with one readable line, when
+        the store cannot be listed; the caller keeps what it had and retries."""
+        try:
+            return self._scan()
+        except obstore.exceptions.BaseError as exc:
+            logger.debug("listing %s failed", self.url, exc_info=True)
+            raise RepositoryUnavailable(f"{self.url}: {describe(exc)}") from None
+
+    def _scan(self) -> list[VersionRecord]:
         objects = [
-            _Object(str(meta["path"]), int(meta["size"]), str(meta.get("e_tag") or ""))
+            _Object(
+                str(meta["path"]),
+                int(meta["size"]),
+                str(meta.get("e_tag") or ""),
+                _timestamp(meta.get("last_modified")),
+            )
             for batch in obstore.list(self.store)
             for meta in batch
         ]
@@ -136,6 +192,7 @@ class BucketRepository:
                 seen[(name, version)] = record.fingerprint
                 records.append(record)
         self._previous = seen
+        self._listed = True
         self._first_seen = {
             key: first for key, first in self._first_seen.items() if seen.get(key[:2]) == key[2]
         }
@@ -167,8 +224,16 @@ class BucketRepository:
             version_config,
             problem or model_problem,
         )
-        # Complete: marked, or listed the same way by the previous poll.
-        complete = MARKER_FILE in relative or self._previous.get((name, version)) == fingerprint
+        # Complete: marked, or listed the same way by the previous poll, or (at the first
+        # listing) quiet for the settle window already: it was whole before the server started.
+        complete = (
+            MARKER_FILE in relative
+            or self._previous.get((name, version)) == fingerprint
+            or (
+                not self._listed
+                and all(now - item.modified >= self.settle_window_s for item in items)
+            )
+        )
         first_seen = self._first_seen.setdefault((name, version, fingerprint), now)
         return VersionRecord(
             name=name,
@@ -208,6 +273,10 @@ class BucketRepository:
             return record.path
         prefix = f"{record.name}/{record.version}/"
         items = [meta for batch in obstore.list(self.store, prefix=prefix) for meta in batch]
+        if not items:
+            raise VersionGone(
+                f"{record.name} version {record.version}: its objects are gone from {self.url}"
+            )
         total = sum(int(meta["size"]) for meta in items)
         staging = self.cache.staging()
         done = 0
@@ -249,3 +318,13 @@ class BucketRepository:
         """(bytes done, bytes in all) while the version downloads, else None."""
         with self._lock:
             return self._progress.get(record.ident)
+
+    def holds(self, name: str, selector: str) -> bool:
+        """Not known without a listing, which a request must not cost: the next poll tells."""
+        return False
+
+
+def _timestamp(value: object) -> float:
+    """A listing's last-modified time as a POSIX timestamp (0 when the store gives none: old
+    enough to count as quiet)."""
+    return value.timestamp() if isinstance(value, datetime) else 0.0

@@ -128,14 +128,23 @@ def test_a_version_is_complete_only_after_two_identical_listings_or_its_marker(
     upload_mlp(s3, tmp_path, 1, seed=1)
     s3.put("marked/1/model.onnx", scaled_onnx_bytes(1.0))
     s3.put("marked/1/READY", b"")
-    server = bucket_server(poll_interval_s=60)  # one listing during this test
+    # One listing during this test; the objects are younger than the settle window, so only the
+    # marker completes a version; start-up gives up waiting for the other after 0.5 s.
+    server = bucket_server(
+        poll_interval_s=60, settle_window_s=60, startup_timeout_s=0.5, settle_wait_s=0
+    )
     with server.client() as client:
-        wait_for(lambda: server.model_server.ready, 10, "the first listing")
+        wait_for(lambda: server.model_server.scanned, 10, "the first listing")
+        waiting = client.get("/readyz")
+        if waiting.status_code == 503:  # unless the start-up timeout already passed
+            assert "settling: mlp version 1" in waiting.json()["reason"]
+        wait_for(lambda: server.model_server.ready, 10, "the start-up timeout")
         marked = client.post("/models/marked/predict", json={"inputs": X})
         assert marked.status_code == 200
         unmarked = client.post("/models/mlp/predict", json={"inputs": X})
         assert unmarked.status_code == 503
         assert unmarked.json()["error"]["code"] == "version_settling"
+        assert unmarked.headers["retry-after"] == "1"
 
 
 def test_version_uploaded_object_by_object_is_never_served_half_complete(
@@ -230,7 +239,13 @@ def test_outage_keeps_loaded_models_serving_and_recovers(
         )
         ready = client.get("/readyz")
         assert ready.status_code == 200
-        assert "cannot be read" in ready.json()["reason"]
+        reason = ready.json()["reason"]
+        assert "cannot be read" in reason
+        # One readable line naming the cause, not the client's debug dump.
+        assert "\n" not in reason, reason
+        assert "Debug source" not in reason
+        assert len(reason) < 400, reason
+        assert "Connection refused" in reason, reason
         repository = client.get("/models").json()["repository"]
         assert repository["status"] == "degraded"
         assert repository["reason"]
@@ -311,3 +326,96 @@ def test_download_progress_is_visible(
         loading.join()
     assert seen, "the download was never visible as downloading"
     assert seen[-1]["download"]["bytes_total"] >= 48 * 1024 * 1024
+
+
+def test_s3_configured_by_the_environment_alone(
+    start_server: StartServer, s3: S3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The standard way to point at MinIO or a local S3: AWS_ENDPOINT_URL and AWS_ALLOW_HTTP
+    in the environment, no bucket_* setting at all."""
+    upload_mlp(s3, tmp_path, 1, seed=1)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3.url)
+    monkeypatch.setenv("AWS_ALLOW_HTTP", "true")
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    server = start_server(f"s3://{s3.bucket}", disk_cache_dir=str(tmp_path / "cache"))
+    with server.client() as client:
+        wait_for(lambda: client.get("/readyz").status_code == 200, 15, "ready")
+        response = client.post("/models/mlp/predict", json={"inputs": X})
+        assert response.status_code == 200, response.text
+
+
+def test_at_the_default_poll_interval_ready_means_servable(
+    start_server: StartServer, s3: S3, tmp_path: Path
+) -> None:
+    """Uploaded just before start, default poll_interval_s (10 s) and settle window (1 s): no
+    request after /readyz = 200 gets 503."""
+    upload_mlp(s3, tmp_path, 1, seed=1)
+    s3.put("m/1/model.onnx", scaled_onnx_bytes(1.0))
+    server = start_server(
+        f"s3://{s3.bucket}",
+        bucket_endpoint=s3.url,
+        bucket_allow_http=True,
+        disk_cache_dir=str(tmp_path / "cache"),
+        settle_window_s=1.0,
+        settle_wait_s=0,
+    )
+    with server.client() as client:
+        wait_for(lambda: client.get("/readyz").status_code == 200, 8, "ready")
+        for name in ("mlp", "m"):
+            response = client.post(f"/models/{name}/predict", json={"inputs": X})
+            assert response.status_code == 200, response.text
+
+
+def test_objects_older_than_the_settle_window_are_complete_at_the_first_listing(
+    bucket_server: Callable[..., RunningServer], s3: S3, tmp_path: Path
+) -> None:
+    upload_mlp(s3, tmp_path, 1, seed=1)
+    uploaded = time.time()
+    # S3 times have whole seconds: let the upload be more than a settle window old.
+    wait_for(lambda: time.time() - uploaded > 1.2, 5, "the upload to age")
+    server = bucket_server(poll_interval_s=60, settle_window_s=0.2, settle_wait_s=0)
+    with server.client() as client:
+        wait_for(lambda: client.get("/readyz").status_code == 200, 10, "ready")
+        assert client.post("/models/mlp/predict", json={"inputs": X}).status_code == 200
+    assert server.model_server.discovery.scans_done == 1  # no second listing was needed
+
+
+def test_emptied_bucket_keeps_models_serving_then_serves_new_uploads(
+    bucket_server: Callable[..., RunningServer], s3: S3, tmp_path: Path
+) -> None:
+    upload_mlp(s3, tmp_path, 1, seed=1)
+    server = bucket_server(poll_interval_s=0.2, empty_grace_s=60)
+    with server.client() as client:
+        wait_for(lambda: latest_of(client, "mlp") == "1", 10, "mlp")
+        assert client.post("/models/mlp/predict", json={"inputs": X}).status_code == 200
+        s3.client.delete_object(Bucket=s3.bucket, Key="mlp/1/model.onnx")
+        wait_for(lambda: client.get("/readyz").json()["status"] == "degraded", 10, "degraded")
+        assert "lists no models" in client.get("/readyz").json()["reason"]
+        for _ in range(10):
+            assert client.post("/models/mlp/predict", json={"inputs": X}).status_code == 200
+        s3.put("fresh/1/model.onnx", scaled_onnx_bytes(3.0))
+        s3.put("fresh/1/READY", b"")
+        wait_for(
+            lambda: client.post("/models/fresh/predict", json={"inputs": X}).status_code == 200,
+            10,
+            "the new upload",
+        )
+        assert client.get("/readyz").json() == {"status": "ready"}
+        # The new listing is the repository now: mlp, gone from it, retires.
+        assert client.post("/models/mlp/predict", json={"inputs": X}).status_code == 404
+
+
+def test_a_bucket_unreachable_at_start_is_served_once_it_answers(
+    bucket_server: Callable[..., RunningServer], s3: S3, tmp_path: Path
+) -> None:
+    upload_mlp(s3, tmp_path, 1, seed=1)
+    s3.stop()
+    server = bucket_server(poll_interval_s=0.2)
+    with server.client() as client:
+        wait_for(lambda: server.model_server.scanned, 20, "the first (failed) listing")
+        waiting = client.get("/readyz")
+        assert waiting.status_code == 503
+        assert "cannot be read" in waiting.json()["reason"]
+        s3.restart()
+        wait_for(lambda: client.get("/readyz").status_code == 200, 30, "ready")
+        assert client.post("/models/mlp/predict", json={"inputs": X}).status_code == 200

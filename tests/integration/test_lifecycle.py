@@ -144,7 +144,8 @@ def test_half_copied_version_is_never_served(start_server: StartServer, scaled_r
 def test_explicit_request_for_a_settling_version_is_503_with_retry_after(
     start_server: StartServer, scaled_repo: Path
 ) -> None:
-    server = start_server(scaled_repo, settle_window_s=60)
+    # A request waits settle_wait_s for a settling version before the 503.
+    server = start_server(scaled_repo, settle_window_s=60, settle_wait_s=0.3)
     with server.client() as client:
         (scaled_repo / "m" / "2").mkdir()
         (scaled_repo / "m" / "2" / "model.onnx").write_bytes(scaled_onnx_bytes(2.0))

@@ -4,6 +4,7 @@ leaves the process no bigger than after the first round, and the cache counts wh
 from __future__ import annotations
 
 import gc
+import statistics
 import time
 import weakref
 from pathlib import Path
@@ -16,7 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from multiserve.memory import rss_bytes
 from tests.conftest import StartServer
-from tests.helpers import AUTH
+from tests.helpers import AUTH, wait_for
 
 MB = 1000**2
 # x [1, 5000] @ W [5000, 5000]: 25 million float32 weights, 100 MB, that every prediction reads
@@ -104,3 +105,67 @@ def test_evicting_a_large_model_returns_its_memory(
         f"RSS grew by {growth / MB:.0f} MB over {CYCLES} load/evict cycles: "
         + ", ".join(f"{rss / MB:.0f}" for rss in settled_rss)
     )
+
+
+# A 25 MB model: big enough that its cost stands out of the allocator's noise, small enough
+# to load in a few tens of milliseconds.
+STEADY_FEATURES = 2500
+
+
+def matmul_model(root: Path, features: int) -> Path:
+    weights = np.random.default_rng(1).standard_normal((features, features), dtype=np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "steady",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, features])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, features])],
+        initializer=[numpy_helper.from_array(weights, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = root / "steady" / "1" / "model.onnx"
+    path.parent.mkdir(parents=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def in_process_cost(path: Path, features: int) -> int:
+    """What a session of the model costs this process once loaded and run, the heap trimmed."""
+    import onnxruntime as ort
+
+    from multiserve.memory import release_freed_memory
+
+    release_freed_memory()
+    before = current_rss()
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session.run(None, {"x": np.zeros((1, features), np.float32)})
+    release_freed_memory()
+    cost = current_rss() - before
+    del session
+    release_freed_memory()
+    return cost
+
+
+def test_the_same_model_is_charged_the_same_every_time(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    path = matmul_model(tmp_path, STEADY_FEATURES)
+    server = start_server(tmp_path)
+    charged: list[int] = []
+    with httpx.Client(base_url=server.url, timeout=60, headers=AUTH) as client:
+        for _ in range(5):
+            assert client.post("/admin/models/steady/1/load").status_code == 200
+            (entry,) = client.get("/admin/cache").json()["entries"]
+            # Measured (the load ran alone); the backend's figure (its file) wins if larger.
+            assert entry["memory"]["measured_bytes"] is not None, entry
+            assert entry["memory"]["bytes"] == entry["memory_bytes"]
+            charged.append(entry["memory_bytes"])
+            assert client.post("/admin/models/steady/1/evict").status_code == 200
+            wait_for(
+                lambda: client.get("/admin/cache").json()["stats"]["closing"] == 0, 15, "close"
+            )
+    steady = in_process_cost(path, STEADY_FEATURES)
+    median = statistics.median(charged)
+    mb = ", ".join(f"{c / MB:.1f}" for c in charged)
+    assert all(abs(c - median) <= 0.15 * median for c in charged), f"charged {mb} MB"
+    assert 0.8 * steady <= median <= 1.5 * steady, f"charged {mb} MB, steady {steady / MB:.1f} MB"

@@ -91,11 +91,48 @@ def test_parse_size_rejects(text: object) -> None:
         parse_size(text)
 
 
-def test_boolean_settings_work_as_bare_flags() -> None:
+def test_every_switch_is_a_bare_flag_and_a_negated_one() -> None:
+    from typing import get_type_hints
+
     from multiserve.cli import build_parser
 
-    args = build_parser().parse_args(["serve", "--allow-python-predictors", "--models", "m"])
-    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)}
-    assert Settings.load(environ={}, overrides=flags).allow_python_predictors
-    explicit = build_parser().parse_args(["serve", "--watch", "false", "--models", "m"])
-    assert explicit.watch == "false"
+    switches = [name for name, kind in get_type_hints(Settings).items() if kind is bool]
+    assert {
+        "watch",
+        "warmup",
+        "access_log",
+        "allow_external_symlinks",
+        "allow_python_predictors",
+    } <= set(switches)
+    parser = build_parser()
+    for name in switches:
+        flag = name.replace("_", "-")
+        on = parser.parse_args(["serve", f"--{flag}"])
+        off = parser.parse_args(["serve", f"--no-{flag}"])
+        spelled = parser.parse_args(["serve", f"--{flag}", "false"])
+        loaded = [
+            getattr(Settings.load(environ={}, overrides={name: getattr(args, name)}), name)
+            for args in (on, off, spelled)
+        ]
+        assert loaded == [True, False, False], name
+        unset = parser.parse_args(["serve"])
+        assert getattr(unset, name) is None  # the file and the environment still decide
+
+
+def test_serve_help_shows_defaults_and_bucket_urls() -> None:
+    import argparse
+
+    from multiserve.cli import build_parser
+
+    (commands,) = [
+        action
+        for action in build_parser()._actions
+        if isinstance(action, argparse._SubParsersAction)
+    ]
+    serve = commands.choices["serve"]
+    text = " ".join(serve.format_help().split())
+    for url in ("s3://", "gs://", "az://"):
+        assert url in text
+    assert "(default: 64MiB)" in text  # max_request_bytes
+    assert "(default: 8000)" in text  # port
+    assert "(default: on; --no-watch turns it off)" in text
