@@ -200,6 +200,7 @@ def make_bundle(
             __version__, source, tuple(models), tuple(_hash_tree(bundle, _walk(bundle)))
         )
         (bundle / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
+        _make_readable(bundle)
         if out.exists():
             _move_into(bundle, out)
         else:
@@ -258,6 +259,14 @@ def _unusable(record: VersionRecord) -> str | None:
 def _model_config(repository: LocalRepository | BucketRepository, name: str) -> bytes | None:
     """The model-wide config.toml, which applies to every version of the model."""
     return repository.read_model_file(name, CONFIG_FILE)
+
+
+def _make_readable(root: Path) -> None:
+    """Files 0644 and folders 0755, whatever the umask or the source's modes: an image copies
+    the bundle as root's, and the server reads it as another user."""
+    root.chmod(0o755)
+    for path in root.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
 
 
 def _move_into(bundle: Path, out: Path) -> None:

@@ -15,7 +15,7 @@ for backend in $backends; do
     projects+=("backends/$backend")
 done
 find "$wheelhouse" -name '*.whl' -delete
-"${pip[@]}" wheel --quiet --wheel-dir "$wheelhouse" --constraint constraints.txt \
+"${pip[@]}" wheel -qq --wheel-dir "$wheelhouse" --constraint constraints.txt \
     "${projects[@]}" hatchling
 # multiserve itself is built from source inside the image, not taken from here.
 rm -f "$wheelhouse"/multiserve-*.whl "$wheelhouse"/multiserve_*.whl

@@ -26,6 +26,7 @@ from multiserve.errors import SettingsError
 
 @pytest.fixture
 def bundle(model_repo: Path, tmp_path: Path) -> Path:
+    (model_repo / "mlp/2/model.onnx").chmod(0o600)
     out = tmp_path / "bundle"
     make_bundle(str(model_repo), out)
     return out
@@ -56,6 +57,11 @@ def test_a_bundle_holds_each_models_latest_version_and_a_checksum_of_every_file(
     ).read_bytes()
     assert (bundle / "models/scaler/1/config.toml").exists()
     assert not (bundle / "models/mlp/1").exists()
+    # Readable by any user (an image's server is not the user that made the bundle).
+    assert {oct(p.stat().st_mode & 0o777) for p in bundle.rglob("*") if p.is_file()} == {"0o644"}
+    assert {oct(p.stat().st_mode & 0o777) for p in [bundle, *bundle.rglob("*")] if p.is_dir()} == {
+        "0o755"
+    }
     config = tomllib.loads((bundle / CONFIG).read_text())
     assert config == {"watch": False, "settle_window_s": 0.0}
     assert verify_bundle(bundle).multiserve_version == __version__
