@@ -135,6 +135,9 @@ def bundle(args: argparse.Namespace) -> int:
             settings.bucket_endpoint, settings.bucket_region, settings.bucket_allow_http
         )
         manifest = make_bundle(settings.models, Path(args.out), only, bucket=options)
+    except OSError as exc:
+        print(f"multiserve: cannot write the bundle: {exc}", file=sys.stderr)
+        return 2
     except (SettingsError, BundleError) as exc:
         print(f"multiserve: {exc}", file=sys.stderr)
         return 2

@@ -41,6 +41,8 @@ ONNX_MODELS = ("mlp", "adder", "counter")
 # mlp version 1 (not the latest, 2) is bundled, so an answer shows which version was frozen.
 BUNDLED = ("mlp:1", "adder", "counter", *(("scaler", "regressor") if TORCH else ()))
 X = [[5.1, 3.5, 1.4, 0.2], [6.2, 3.4, 5.4, 2.3]]
+# On every image and container the check makes, so that leftovers can be found and removed.
+LABEL = "multiserve.check=1"
 
 pytestmark = [
     pytest.mark.skipif(
@@ -96,6 +98,7 @@ class Podman:
             "--pull=never",
             "--layers=false",  # no intermediate images left behind
             "--quiet",
+            f"--label={LABEL}",
             f"--file={dockerfile}",
             f"--tag={tag}",
             *arguments,
@@ -122,6 +125,7 @@ class Container:
             f"--name={self.name}",
             "--runtime=runc",
             "--network=host",
+            f"--label={LABEL}",
             *settings,
             *flags,
             image,
@@ -163,7 +167,12 @@ class Container:
 
 @pytest.fixture(scope="module")
 def podman() -> Podman:
-    return Podman()
+    found = Podman()
+    # What a run that was killed left behind (an hour old, so never a run going on now).
+    stale = [f"--filter=label={LABEL}", "--filter=until=1h"]
+    found("container", "prune", "--force", *stale, check=False)
+    found("image", "prune", "--all", "--force", *stale, check=False)
+    return found
 
 
 @pytest.fixture(scope="module")
