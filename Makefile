@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PORT ?= 8000
 
-.PHONY: install examples serve test lint typecheck unit clean
+.PHONY: install examples serve test lint typecheck unit clean images-check
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ typecheck: install
 
 test: lint typecheck
 	$(BIN)/pytest
+
+# Builds the images in deploy/image/ with podman and runs them (slow, so not part of `make test`;
+# CI runs it). Needs root, podman, runc and debootstrap: `bash .ci/system-deps`.
+images-check: install
+	MULTISERVE_IMAGES=1 $(BIN)/pytest tests/images -v -s -p no:cacheprovider
 
 clean:
 	rm -rf $(VENV) examples/models .pytest_cache .mypy_cache .ruff_cache

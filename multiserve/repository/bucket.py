@@ -24,6 +24,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import obstore
+from obstore.exceptions import NotFoundError
 from obstore.store import AzureStore, GCSStore, S3Store
 
 from multiserve.backends import BackendRegistry
@@ -264,6 +265,13 @@ class BucketRepository:
             self._configs[item.key] = cached
         value = cached[1]
         return ({}, value) if isinstance(value, str) else (value, None)
+
+    def read_model_file(self, name: str, filename: str) -> bytes | None:
+        """An object of the model's own prefix (its config.toml), or None if there is none."""
+        try:
+            return bytes(obstore.get(self.store, f"{name}/{filename}").bytes())
+        except (NotFoundError, FileNotFoundError):
+            return None
 
     # --- downloads ------------------------------------------------------------------------
 

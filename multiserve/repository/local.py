@@ -182,6 +182,13 @@ class LocalRepository:
     def progress(self, record: VersionRecord) -> tuple[int, int] | None:
         return None
 
+    def read_model_file(self, name: str, filename: str) -> bytes | None:
+        """A file of the model's own directory (its config.toml), or None if there is none."""
+        try:
+            return (self.root / name / filename).read_bytes()
+        except FileNotFoundError:
+            return None
+
     async def changes(self, stop: threading.Event) -> AsyncIterator[None]:
         """Yields after each batch of file-system events under the root, until ``stop``. The
         watch follows the root directory it started on: see `identity`."""
