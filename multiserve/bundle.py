@@ -154,7 +154,9 @@ def make_bundle(
     new directory ``out``: each model's latest version, or the ``only`` ones. The bundle is
     written beside ``out`` under a temporary name and renamed when whole, so a failure leaves
     nothing behind."""
-    registry = registry if registry is not None else BackendRegistry()
+    # Bundling copies a predictor's code without running it: whether it may run is the serving
+    # server's decision (--allow-python-predictors), not the bundle's.
+    registry = registry if registry is not None else BackendRegistry(allow_repository_code=True)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise BundleError(f"--out {str(out)!r} exists and is not empty: choose a new directory")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -44,6 +44,7 @@ class Replicas:
         port = port or free_port()
         argv = [sys.executable, "-m", "multiserve", "serve", "--models", str(self.repository)]
         argv += ["--port", str(port), "--admin-token", ADMIN_TOKEN, "--log-level", "warning"]
+        argv += ["--grpc-port", "0"]  # replicas side by side: HTTP only
         # Room for every model: round robin then loads each on every replica.
         argv += ["--max-models", str(len(MODELS)), "--settle-window-s", "0"]
         self.processes[name] = start_server(

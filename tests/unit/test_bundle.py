@@ -38,7 +38,14 @@ def test_a_bundle_holds_each_models_latest_version_and_a_checksum_of_every_file(
     manifest = json.loads((bundle / MANIFEST).read_text())
     assert manifest["multiserve_version"] == __version__
     versions = {(m["name"], m["version"]) for m in manifest["models"]}
-    assert versions == {("mlp", 2), ("adder", 1), ("counter", 1), ("scaler", 1), ("regressor", 1)}
+    assert versions == {
+        ("mlp", 2),
+        ("adder", 1),
+        ("counter", 1),
+        ("scaler", 1),
+        ("regressor", 1),
+        ("iris", 1),
+    }
     mlp = next(m for m in manifest["models"] if m["name"] == "mlp")
     assert mlp["artifact"] == "model.onnx"
     assert mlp["backend"] == "onnx"
@@ -63,7 +70,7 @@ def test_a_bundle_holds_each_models_latest_version_and_a_checksum_of_every_file(
         "0o755"
     }
     config = tomllib.loads((bundle / CONFIG).read_text())
-    assert config == {"watch": False, "settle_window_s": 0.0}
+    assert config == {"watch": False, "rescan_interval_s": 0.0, "settle_window_s": 0.0}
     assert verify_bundle(bundle).multiserve_version == __version__
 
 
