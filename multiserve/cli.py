@@ -1,12 +1,15 @@
-"""``multiserve serve --models DIR`` (also ``python -m multiserve``)."""
+"""``multiserve serve --models DIR`` and ``multiserve optimize SRC --out DST --kind KIND``
+(also ``python -m multiserve``)."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from multiserve import __version__
 from multiserve.errors import SettingsError
@@ -30,11 +33,29 @@ def build_parser() -> argparse.ArgumentParser:
         flag = "--" + spec.name.replace("_", "-")
         metavar = "DIR" if spec.name == "models" else spec.name.upper()
         serve.add_argument(flag, dest=spec.name, metavar=metavar, help=spec.metadata["doc"])
+    optimize = commands.add_parser(
+        "optimize",
+        help="derive an optimised or exported version, checked against the original",
+        description="Derive KIND from the version directory SRC (int8, graph: an ONNX model; "
+        "onnx: a torch model), run it beside the original on the version's reference.npz / "
+        "warmup.npz (else synthetic inputs) and, if it is within tolerance and faster, write "
+        "it to DST as a version directory with its .sha256. Exit status: 0 written, 1 the "
+        "check failed (nothing written), 2 a usage error.",
+    )
+    optimize.add_argument("src", metavar="SRC_VERSION_DIR", type=Path)
+    optimize.add_argument("--out", metavar="DST_VERSION_DIR", type=Path, required=True)
+    optimize.add_argument("--kind", required=True, choices=("int8", "graph", "onnx"))
+    optimize.add_argument("--max-abs-error", type=float, metavar="X")
+    optimize.add_argument("--min-argmax-agreement", type=float, metavar="SHARE")
+    optimize.add_argument("--min-speedup", type=float, metavar="RATIO")
+    optimize.add_argument("--json", action="store_true", help="print the figures as JSON")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "optimize":
+        return optimize(args)
     overrides = {spec.name: getattr(args, spec.name) for spec in dataclasses.fields(Settings)}
     try:
         settings = Settings.load(args.config, overrides=overrides)
@@ -67,3 +88,33 @@ def serve(settings: Settings) -> int:
         timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
     )
     return 0
+
+
+def optimize(args: argparse.Namespace) -> int:
+    from multiserve.optimize import (
+        TOLERANCE_KEYS,
+        Outcome,
+        UsageError,
+        optimize_offline,
+        report_lines,
+    )
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    overrides = {key: getattr(args, key) for key in TOLERANCE_KEYS if getattr(args, key) is not None}
+    try:
+        figures, accepted, reason = optimize_offline(args.src, args.out, args.kind, overrides)
+    except (UsageError, ValueError) as exc:
+        print(f"multiserve optimize: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        block = Outcome(figures, accepted, reason, reused=False).to_json()
+        block["out"] = str(args.out) if accepted else None
+        print(json.dumps(block, indent=2))
+    else:
+        for line in report_lines(args.src, figures, accepted, reason):
+            print(line)
+        if accepted:
+            print(f"wrote {args.out}: {', '.join(sorted(p.name for p in args.out.iterdir()))}")
+        else:
+            print(f"nothing written to {args.out}")
+    return 0 if accepted else 1

@@ -40,6 +40,7 @@ from multiserve.errors import (
     VersionSettling,
 )
 from multiserve.memory import release_freed_memory, rss_bytes
+from multiserve.optimize import Optimizer
 from multiserve.types import Array, Backend, LoadedModel, ModelMetadata, TensorSpec
 
 logger = logging.getLogger("multiserve.lifecycle")
@@ -169,8 +170,11 @@ class Lifecycle:
         load_threads: int = 1,
         inference_threads: int = 1,
         max_batch_size: int = 1,
+        optimizer: Optimizer | None = None,
     ) -> None:
         self.registry = registry
+        # optimize / export in a model's config.toml: derived artifacts, checked and cached.
+        self.optimizer = optimizer if optimizer is not None else Optimizer(registry)
         self.observer: LifecycleObserver = observer if observer is not None else _Unobserved()
         self.source: VersionSource = source if source is not None else _LocalFiles()
         self.default_device = default_device
@@ -565,6 +569,9 @@ class Lifecycle:
             raise DownloadFailed(
                 f"{what}: downloading its files failed: {type(exc).__name__}: {exc}"
             ) from exc
+        # Outside the memory gate: a derivation runs in a child process, and other loads
+        # need not wait for it.
+        backend, path, options = self.optimizer.prepare(record, backend, path, options)
         with self._memory_gate, self._memory_work() as alone:
             before = rss_bytes()
             model = self._load_and_warm(record, path, backend, options, ahead)
@@ -674,6 +681,7 @@ class Lifecycle:
         return True
 
     async def close_all(self) -> None:
+        self.optimizer.close()
         for task in list(self._promotions.values()):
             task.cancel()
         for _, entry in self.cache.items():
@@ -706,6 +714,7 @@ class Lifecycle:
             described["memory_bytes"] = entry.memory_bytes
             described["load_seconds"] = round(entry.load_seconds, 6)
             described.update(entry.model.metadata.to_json())
+            described.update(self.optimizer.describe(entry.record))
         return described
 
     def loaded_entries(self) -> list[tuple[Key, LoadedEntry]]:

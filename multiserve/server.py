@@ -24,7 +24,9 @@ from multiserve.errors import (
     VersionNotFound,
 )
 from multiserve.lifecycle import Lifecycle, LoadedEntry
+from multiserve.derived import DEFAULT_ROOT, DerivedStore
 from multiserve.metrics import Metrics
+from multiserve.optimize import Optimizer
 from multiserve.repository.bucket import BucketOptions, BucketRepository, is_bucket_url
 from multiserve.repository.disk_cache import DiskCache
 from multiserve.repository.layout import is_valid_name, parse_version
@@ -82,6 +84,13 @@ class ModelServer:
             load_threads=settings.load_threads,
             inference_threads=settings.inference_threads,
             max_batch_size=settings.max_batch_size,
+            optimizer=Optimizer(
+                self.registry,
+                DerivedStore(
+                    Path(settings.optimize_cache_dir or DEFAULT_ROOT), settings.optimize_cache_bytes
+                ),
+                settings.optimize_timeout_s,
+            ),
         )
         self.metrics.watch(self)
         state_dir = Path(settings.state_dir).expanduser() if settings.state_dir else default_state
