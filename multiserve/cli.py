@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from multiserve import __version__
+from multiserve.check import Figures
 from multiserve.errors import SettingsError
 from multiserve.settings import Settings
 
@@ -46,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     optimize.add_argument("--out", metavar="DST_VERSION_DIR", type=Path, required=True)
     optimize.add_argument("--kind", required=True, choices=("int8", "graph", "onnx"))
     optimize.add_argument("--max-abs-error", type=float, metavar="X")
+    optimize.add_argument("--max-rel-error", type=float, metavar="X")
     optimize.add_argument("--min-argmax-agreement", type=float, metavar="SHARE")
     optimize.add_argument("--min-speedup", type=float, metavar="RATIO")
     optimize.add_argument("--json", action="store_true", help="print the figures as JSON")
@@ -91,16 +93,13 @@ def serve(settings: Settings) -> int:
 
 
 def optimize(args: argparse.Namespace) -> int:
-    from multiserve.optimize import (
-        TOLERANCE_KEYS,
-        Outcome,
-        UsageError,
-        optimize_offline,
-        report_lines,
-    )
+    from multiserve.check import TOLERANCE_KEYS
+    from multiserve.optimize import Outcome, UsageError, optimize_offline
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    overrides = {key: getattr(args, key) for key in TOLERANCE_KEYS if getattr(args, key) is not None}
+    overrides = {
+        key: getattr(args, key) for key in TOLERANCE_KEYS if getattr(args, key) is not None
+    }
     try:
         figures, accepted, reason = optimize_offline(args.src, args.out, args.kind, overrides)
     except (UsageError, ValueError) as exc:
@@ -118,3 +117,35 @@ def optimize(args: argparse.Namespace) -> int:
         else:
             print(f"nothing written to {args.out}")
     return 0 if accepted else 1
+
+
+def report_lines(src: Path, figures: Figures, accepted: bool, reason: str) -> list[str]:
+    """What `multiserve optimize` prints: the verdict, then the figures."""
+    verdict = "accepted" if accepted else "REJECTED"
+    lines = [f"{figures.kind} of {src}: {verdict}: {reason}"]
+    f = figures
+    if f.source_seconds is not None and f.derived_seconds is not None:
+        lines.append(
+            f"  speed      {f.source_seconds * 1e3:.3f} ms -> {f.derived_seconds * 1e3:.3f} ms "
+            f"per call ({f.speedup or 0:.2f}x), {f.rows} rows of {f.sample} inputs"
+        )
+    if f.max_abs_error is not None or f.argmax_agreement is not None:
+        lines.append(
+            f"  accuracy   max abs error {_figure(f.max_abs_error, '.3g')}, max rel error "
+            f"{_figure(f.max_rel_error, '.3g')}, argmax agreement "
+            f"{_figure(f.argmax_agreement, '.2%')}"
+        )
+    if f.optimized_bytes is not None:
+        lines.append(f"  size       {f.source_bytes:,} -> {f.optimized_bytes:,} bytes")
+    if f.source_load_seconds is not None and f.derived_load_seconds is not None:
+        lines.append(
+            f"  load       {f.source_load_seconds * 1e3:.1f} ms -> "
+            f"{f.derived_load_seconds * 1e3:.1f} ms"
+        )
+    if f.build_seconds is not None:
+        lines.append(f"  built in   {f.build_seconds:.2f} s ({f.backend} loads it)")
+    return lines
+
+
+def _figure(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)

@@ -30,16 +30,31 @@ import threading
 import time
 import tomllib
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from multiserve import codecs
 from multiserve.backends import BackendRegistry
 from multiserve.catalog import Ident, VersionRecord
+from multiserve.check import (
+    DEFAULT_TOLERANCE,
+    REFERENCE_NPZ,
+    TOLERANCE_KEYS,
+    WARMUP_JSON,
+    WARMUP_NPZ,
+    Figures,
+    Mismatch,
+    Tolerance,
+    check_sample,
+    compare,
+    incompatibility,
+    judge,
+    parse_bound,
+    rows_of,
+    sample_files,
+    time_pair,
+)
 from multiserve.derived import (
     DerivedStore,
     checksum_mismatch,
@@ -50,51 +65,23 @@ from multiserve.derived import (
 )
 from multiserve.errors import ModelLoadFailed, MultiserveError
 from multiserve.repository.classify import classify
-from multiserve.types import Array, Backend, Deriver, LoadedModel, ModelMetadata, TensorSpec
+from multiserve.types import Backend, Deriver
 
 logger = logging.getLogger("multiserve.optimize")
 
 OPTIMIZE_KINDS = ("graph", "int8")
 EXPORT_KINDS = ("onnx",)
-TOLERANCE_KEYS = ("max_abs_error", "min_argmax_agreement", "min_speedup")
 # config.toml keys this module reads; the backends never see them.
 KEYS = ("optimize", "export", *TOLERANCE_KEYS)
 
 CONFIG_FILE = "config.toml"
 DERIVATION_FILE = "derivation.json"
 LOG_FILE = "derive.log"
-REFERENCE_NPZ = "reference.npz"
-WARMUP_NPZ = "warmup.npz"
-WARMUP_JSON = "warmup.json"
 # Files of a version directory that are not the model itself.
 NOT_MODEL = frozenset(
     {CONFIG_FILE, DERIVATION_FILE, LOG_FILE, REFERENCE_NPZ, WARMUP_NPZ, WARMUP_JSON, "READY"}
 )
-SYNTHETIC_ROWS = 32
-SYNTHETIC_DIM = 16
-TIMED_ROUNDS = 7
-SECONDS_PER_MEASUREMENT = 0.02
 DEFAULT_TIMEOUT_S = 600.0
-
-
-@dataclass(frozen=True, slots=True)
-class Tolerance:
-    """What a derived model must meet to serve. ``None``: that bound is not checked."""
-
-    max_abs_error: float | None
-    min_argmax_agreement: float | None
-    min_speedup: float
-
-
-# Per kind. Graph optimisation and export change only rounding, so they are held to it; int8
-# quantisation moves every output a little and is held to the class it picks. A graph
-# optimised offline is the graph ONNX Runtime would otherwise optimise at every load: it runs
-# no faster, its gain is the load, so no speed margin is asked of it (its figures are shown).
-DEFAULT_TOLERANCE = {
-    "graph": Tolerance(max_abs_error=1e-4, min_argmax_agreement=None, min_speedup=0.0),
-    "int8": Tolerance(max_abs_error=None, min_argmax_agreement=0.99, min_speedup=1.2),
-    "onnx": Tolerance(max_abs_error=1e-4, min_argmax_agreement=None, min_speedup=1.2),
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +105,7 @@ def split_options(options: Mapping[str, Any]) -> tuple[Plan | None, dict[str, An
     overrides: dict[str, float] = {}
     for key in TOLERANCE_KEYS:
         if key in options:
-            overrides[key] = _number(key, options[key])
+            overrides[key] = parse_bound(key, options[key])
     steps = tuple(kind for kind in (export, optimize) if kind is not None)
     if not steps:
         if overrides:
@@ -140,83 +127,7 @@ def _choice(options: Mapping[str, Any], key: str, kinds: tuple[str, ...]) -> str
     return str(value)
 
 
-def _number(key: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
-        raise ValueError(f"{key} must be a number, not {value!r}")
-    number = float(value)
-    if key == "min_argmax_agreement" and not 0.0 <= number <= 1.0:
-        raise ValueError(f"min_argmax_agreement must be from 0 to 1 (a share of rows), not {value}")
-    if number < 0:
-        raise ValueError(f"{key} cannot be negative, not {value}")
-    return number
-
-
-# --- the figures and the verdict ----------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Figures:
-    """What deriving and checking one artifact measured. ``error`` is set when there is no
-    derived model to judge, or it could not be checked; it is then the reason it does not
-    serve."""
-
-    kind: str
-    error: str | None = None
-    source_bytes: int = 0
-    optimized_bytes: int | None = None
-    max_abs_error: float | None = None
-    argmax_agreement: float | None = None
-    speedup: float | None = None
-    source_seconds: float | None = None  # per call on the sample, best of the timed rounds
-    derived_seconds: float | None = None
-    source_load_seconds: float | None = None
-    derived_load_seconds: float | None = None
-    sample: str | None = None  # what the models ran on: a file name, or "synthetic"
-    rows: int | None = None
-    build_seconds: float | None = None
-    backend: str | None = None  # the backend that loads the derived version
-    artifact: str | None = None
-    load_options: Mapping[str, Any] = field(default_factory=dict)
-
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> Figures:
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{key: value for key, value in data.items() if key in known})
-
-
-def judge(figures: Figures, tolerance: Tolerance) -> tuple[bool, str]:
-    """Whether the derived model may serve, and why (or why not), in one sentence."""
-    if figures.error is not None:
-        return False, figures.error
-    met: list[str] = []
-    failed: list[str] = []
-    error, agreement = figures.max_abs_error, figures.argmax_agreement
-    if tolerance.max_abs_error is not None and error is not None:
-        if error <= tolerance.max_abs_error:
-            met.append(f"max abs error {error:.3g} <= {tolerance.max_abs_error:g}")
-        else:
-            failed.append(f"max abs error {error:.3g} is over max_abs_error = {tolerance.max_abs_error:g}")
-    if tolerance.min_argmax_agreement is not None and agreement is not None:
-        bound = tolerance.min_argmax_agreement
-        if agreement >= bound:
-            met.append(f"argmax agreement {agreement:.2%} >= {bound:.2%}")
-        else:
-            failed.append(f"argmax agreement {agreement:.2%} is under min_argmax_agreement = {bound:g}")
-    if not met and not failed:
-        return False, (
-            "no tolerance applies to this model's outputs (min_argmax_agreement needs classes "
-            "along an output's last axis, or integer outputs; max_abs_error needs numeric "
-            "outputs): set the bound that fits in its config.toml"
-        )
-    speedup = figures.speedup or 0.0
-    if speedup < tolerance.min_speedup:
-        failed.append(f"{speedup:.2f}x the original's speed is under min_speedup = {tolerance.min_speedup:g}")
-    if failed:
-        return False, "; ".join(failed)
-    return True, f"{speedup:.2f}x the original's speed, " + ", ".join(met)
+# --- what GET /models/{name}/{version} shows ----------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,6 +147,7 @@ class Outcome:
             "reason": self.reason,
             "speedup": _rounded(f.speedup, 3),
             "max_abs_error": _significant(f.max_abs_error),
+            "max_rel_error": _significant(f.max_rel_error),
             "argmax_agreement": _rounded(f.argmax_agreement, 6),
             "source_bytes": f.source_bytes,
             "optimized_bytes": f.optimized_bytes,
@@ -265,179 +177,6 @@ def _rounded(value: float | None, digits: int) -> float | None:
 
 def _significant(value: float | None) -> float | None:
     return None if value is None or not math.isfinite(value) else float(f"{value:.4g}")
-
-
-# --- the check -----------------------------------------------------------------------------------
-
-
-class Mismatch(ValueError):
-    """The derived model does not answer the same questions the same way."""
-
-
-def incompatibility(source: ModelMetadata, derived: ModelMetadata) -> str | None:
-    """Why requests that the original accepts might not work the same on the derived model."""
-    for what, ours, theirs in (
-        ("inputs", source.inputs, derived.inputs),
-        ("outputs", source.outputs, derived.outputs),
-    ):
-        expected = {spec.name: spec for spec in ours}
-        found = {spec.name: spec for spec in theirs}
-        if set(expected) != set(found):
-            return (
-                f"the derived model's {what} are {_names(theirs)}; the original's are "
-                f"{_names(ours)}"
-            )
-        for name, spec in expected.items():
-            other = found[name]
-            if other.dtype != spec.dtype:
-                return f"{what[:-1]} {name!r} is {other.dtype} in the derived model, {spec.dtype} in the original"
-            if what == "inputs" and (problem := _narrower(spec, other)) is not None:
-                return problem
-    return None
-
-
-def _narrower(spec: TensorSpec, other: TensorSpec) -> str | None:
-    if len(spec.shape) != len(other.shape):
-        return (
-            f"input {spec.name!r} has {len(other.shape)} dimensions in the derived model, "
-            f"{len(spec.shape)} in the original"
-        )
-    for axis, (ours, theirs) in enumerate(zip(spec.shape, other.shape, strict=True)):
-        if ours == -1 and theirs != -1:
-            return (
-                f"input {spec.name!r} takes any size along dimension {axis} in the original "
-                f"but only {theirs} in the derived model"
-            )
-    return None
-
-
-def _names(specs: tuple[TensorSpec, ...]) -> str:
-    return ", ".join(repr(spec.name) for spec in specs) or "none"
-
-
-def compare(
-    metadata: ModelMetadata, expected: Mapping[str, Array], actual: Mapping[str, Array]
-) -> tuple[float | None, float | None]:
-    """(max abs error, argmax agreement) of ``actual`` against ``expected``, over every
-    output. The error is the largest absolute difference of any numeric element; the
-    agreement is the smallest share, over outputs, of rows whose top class agrees (an output
-    with classes along its last axis) or of elements that are equal (integer, boolean and
-    string outputs: labels). Either is None where no output has it."""
-    errors: list[float] = []
-    agreements: list[float] = []
-    for spec in metadata.outputs:
-        if spec.name not in actual:
-            raise Mismatch(f"the derived model returned no output {spec.name!r}")
-        a, b = np.asarray(expected[spec.name]), np.asarray(actual[spec.name])
-        if a.shape != b.shape:
-            raise Mismatch(
-                f"output {spec.name!r} has shape {list(b.shape)} from the derived model, "
-                f"{list(a.shape)} from the original"
-            )
-        if a.size == 0:
-            continue
-        if a.dtype.kind in "fc":
-            errors.append(_max_abs_difference(a, b))
-            if a.ndim >= 2 and a.shape[-1] > 1:
-                agreements.append(float(np.mean(np.argmax(a, -1) == np.argmax(b, -1))))
-        elif a.dtype.kind in "iub":
-            errors.append(float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))))
-            agreements.append(float(np.mean(a == b)))
-        else:
-            agreements.append(float(np.mean(a == b)))
-    return (max(errors) if errors else None, min(agreements) if agreements else None)
-
-
-def _max_abs_difference(a: Array, b: Array) -> float:
-    a64, b64 = a.astype(np.complex128 if a.dtype.kind == "c" else np.float64), b.astype(
-        np.complex128 if b.dtype.kind == "c" else np.float64
-    )
-    with np.errstate(invalid="ignore", over="ignore"):
-        difference = np.abs(a64 - b64)
-    same = (a64 == b64) | (np.isnan(a64) & np.isnan(b64))  # equal infinities, NaN for NaN
-    difference = np.where(same, 0.0, np.where(np.isnan(difference), np.inf, difference))
-    return float(np.max(difference))
-
-
-def check_sample(sample_dir: Path, metadata: ModelMetadata) -> tuple[str, dict[str, Array]]:
-    """The inputs a check runs on, and where they came from: the version's ``reference.npz``
-    (else its model directory's), its ``warmup.npz`` or ``warmup.json``, else synthetic."""
-    for path in (
-        sample_dir / REFERENCE_NPZ,
-        sample_dir.parent / REFERENCE_NPZ,
-        sample_dir / WARMUP_NPZ,
-    ):
-        if path.is_file():
-            with np.load(path, allow_pickle=False) as arrays:
-                named = {name: arrays[name] for name in arrays.files}
-            try:
-                return path.name, codecs.check_inputs(named, metadata)
-            except MultiserveError as exc:
-                raise Mismatch(f"{path}: {exc.message}") from None
-    if (sample_dir / WARMUP_JSON).is_file():
-        try:
-            return WARMUP_JSON, codecs.decode_json((sample_dir / WARMUP_JSON).read_bytes(), metadata)
-        except MultiserveError as exc:
-            raise Mismatch(f"{sample_dir / WARMUP_JSON}: {exc.message}") from None
-    return "synthetic", synthetic_inputs(metadata)
-
-
-def synthetic_inputs(metadata: ModelMetadata, rows: int = SYNTHETIC_ROWS) -> dict[str, Array]:
-    """Seeded inputs shaped from the metadata: ``rows`` along a dynamic first dimension,
-    `SYNTHETIC_DIM` along any other dynamic one; standard normal floats, integers 0 or 1."""
-    rng = np.random.default_rng(0)
-    inputs: dict[str, Array] = {}
-    for spec in metadata.inputs:
-        shape = tuple(
-            dim if dim >= 0 else (rows if axis == 0 else SYNTHETIC_DIM)
-            for axis, dim in enumerate(spec.shape)
-        )
-        if spec.dtype == "string":
-            inputs[spec.name] = np.full(shape, "", dtype=np.str_)
-        elif spec.dtype == "bool":
-            inputs[spec.name] = rng.integers(0, 2, size=shape).astype(bool)
-        elif spec.numpy_dtype.kind == "f":
-            inputs[spec.name] = rng.standard_normal(shape).astype(spec.numpy_dtype)
-        else:
-            inputs[spec.name] = rng.integers(0, 2, size=shape).astype(spec.numpy_dtype)
-    return inputs
-
-
-def _rows(inputs: Mapping[str, Array]) -> int:
-    first = next(iter(inputs.values()), None)
-    return int(first.shape[0]) if first is not None and first.ndim > 0 else 1
-
-
-Predict = Callable[[Mapping[str, Array]], Mapping[str, Array]]
-
-
-def time_pair(
-    source: Predict, derived: Predict, inputs: Mapping[str, Array], rounds: int = TIMED_ROUNDS
-) -> tuple[float, float, float]:
-    """(speedup, source seconds per call, derived seconds per call). Each round times both,
-    back to back and in alternating order; each model's time is its best round, since
-    whatever else runs on the machine can only add to a model's own time."""
-    single = max(_timed(source, inputs, 1), _timed(derived, inputs, 1), 1e-6)
-    calls = max(1, min(1000, math.ceil(SECONDS_PER_MEASUREMENT / single)))
-    source_best = derived_best = math.inf
-    for round_ in range(rounds):
-        if round_ % 2 == 0:
-            source_best = min(source_best, _timed(source, inputs, calls) / calls)
-            derived_best = min(derived_best, _timed(derived, inputs, calls) / calls)
-        else:
-            derived_best = min(derived_best, _timed(derived, inputs, calls) / calls)
-            source_best = min(source_best, _timed(source, inputs, calls) / calls)
-    return source_best / max(derived_best, 1e-12), source_best, derived_best
-
-
-def _timed(predict: Predict, inputs: Mapping[str, Array], calls: int) -> float:
-    # One call untimed: the first after the other model ran meets its runtime's threads
-    # still spinning for work.
-    predict(inputs)
-    started = time.perf_counter()
-    for _ in range(calls):
-        predict(inputs)
-    return time.perf_counter() - started
 
 
 # --- deriving and checking (in the child process, or in `multiserve optimize`) ------------------
@@ -478,7 +217,9 @@ def derive_and_check(request: Request, registry: BackendRegistry) -> Figures:
     except MultiserveError as exc:
         return Figures(kind, error=exc.message, source_bytes=source_bytes)
     if not isinstance(backend, Deriver) or kind not in backend.derivations:
-        return Figures(kind, error=cannot_derive(request.backend, backend, kind), source_bytes=source_bytes)
+        return Figures(
+            kind, error=cannot_derive(request.backend, backend, kind), source_bytes=source_bytes
+        )
     started = time.perf_counter()
     try:
         load_options = dict(backend.derive(kind, source, dict(request.options), out))
@@ -520,7 +261,9 @@ def derive_and_check(request: Request, registry: BackendRegistry) -> Figures:
     )
     try:
         target = registry.get(target_name)
-        measured = _check(backend, source, request.options, target, out, load_options, Path(request.sample_dir))
+        measured = _check(
+            backend, source, request.options, target, out, load_options, Path(request.sample_dir)
+        )
     except Exception as exc:
         logger.debug("checking %s failed", kind, exc_info=True)
         message = exc.message if isinstance(exc, MultiserveError) else _first_line(exc)
@@ -553,7 +296,7 @@ def _check(
             sample, inputs = check_sample(sample_dir, original.metadata)
             expected = original.predict(inputs)
             actual = derived.predict(inputs)
-            max_abs_error, agreement = compare(original.metadata, expected, actual)
+            differences = compare(original.metadata, expected, actual)
             speedup, source_seconds, derived_seconds = time_pair(
                 original.predict, derived.predict, inputs
             )
@@ -562,15 +305,16 @@ def _check(
     finally:
         original.close()
     return {
-        "max_abs_error": max_abs_error,
-        "argmax_agreement": agreement,
+        "max_abs_error": differences.max_abs_error,
+        "max_rel_error": differences.max_rel_error,
+        "argmax_agreement": differences.argmax_agreement,
         "speedup": speedup,
         "source_seconds": source_seconds,
         "derived_seconds": derived_seconds,
         "source_load_seconds": source_load,
         "derived_load_seconds": derived_load,
         "sample": sample,
-        "rows": _rows(inputs),
+        "rows": rows_of(inputs),
     }
 
 
@@ -656,7 +400,7 @@ def optimize_offline(
     except ValueError as exc:
         raise UsageError(f"{src / CONFIG_FILE}: {exc}") from None
     for key, value in overrides.items():
-        _number(key, value)
+        parse_bound(key, value)
     configured = plan.overrides if plan is not None else {}
     tolerance = dataclasses.replace(DEFAULT_TOLERANCE[kind], **{**configured, **overrides})
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -682,32 +426,6 @@ def _config(path: Path) -> dict[str, Any]:
         return tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise UsageError(f"{path}: {exc}") from None
-
-
-def report_lines(src: Path, figures: Figures, accepted: bool, reason: str) -> list[str]:
-    """What `multiserve optimize` prints: the verdict, then the figures."""
-    verdict = "accepted" if accepted else "REJECTED"
-    lines = [f"{figures.kind} of {src}: {verdict}: {reason}"]
-    f = figures
-    if f.source_seconds is not None and f.derived_seconds is not None:
-        lines.append(
-            f"  speed      {f.source_seconds * 1e3:.3f} ms -> {f.derived_seconds * 1e3:.3f} ms "
-            f"per call ({f.speedup or 0:.2f}x), {f.rows} rows of {f.sample} inputs"
-        )
-    if f.max_abs_error is not None or f.argmax_agreement is not None:
-        error = "n/a" if f.max_abs_error is None else f"{f.max_abs_error:.3g}"
-        agreement = "n/a" if f.argmax_agreement is None else f"{f.argmax_agreement:.2%}"
-        lines.append(f"  accuracy   max abs error {error}, argmax agreement {agreement}")
-    if f.optimized_bytes is not None:
-        lines.append(f"  size       {f.source_bytes:,} -> {f.optimized_bytes:,} bytes")
-    if f.source_load_seconds is not None and f.derived_load_seconds is not None:
-        lines.append(
-            f"  load       {f.source_load_seconds * 1e3:.1f} ms -> "
-            f"{f.derived_load_seconds * 1e3:.1f} ms"
-        )
-    if f.build_seconds is not None:
-        lines.append(f"  built in   {f.build_seconds:.2f} s ({f.backend} loads it)")
-    return lines
 
 
 # --- in the server -------------------------------------------------------------------------------
@@ -762,18 +480,26 @@ class Optimizer:
             return backend, path, rest
         if record.artifact is not None and checksum_mismatch(path / record.artifact):
             return backend, path, rest  # the load verifies it and fails with the reason
-        current = Loadable(record.backend or "", backend, path, rest)
+        # An export may be only the way to an optimisation (torch -> ONNX -> int8): the next
+        # step derives from it when it is accurate, even if it alone is not fast enough to serve.
+        source = served = Loadable(record.backend or "", backend, path, rest)
+        speedup = 1.0  # of `source` over the version as published
         outcomes: dict[str, Outcome] = {}
-        for kind in plan.steps:
-            outcome, derived = self._step(record, kind, current, path, plan.tolerance(kind))
+        for index, kind in enumerate(plan.steps):
+            following = plan.steps[index + 1] if index + 1 < len(plan.steps) else None
+            outcome, derived = self._step(
+                record, kind, source, path, plan.tolerance(kind), speedup, following
+            )
             outcomes[block_name(kind)] = outcome
             level = logging.INFO if outcome.accepted else logging.WARNING
             verdict = "serves" if outcome.accepted else "does not serve"
             logger.log(level, "%s: %s %s: %s", what, kind, verdict, outcome.reason)
             if derived is not None:
-                current = derived
+                source, speedup = derived, outcome.figures.speedup or 0.0
+                if outcome.accepted:
+                    served = derived
         self._remember(record.ident, outcomes)
-        return current.backend, current.path, current.options
+        return served.backend, served.path, served.options
 
     def describe(self, record: VersionRecord) -> dict[str, Any]:
         """The ``optimized`` / ``exported`` blocks of a loaded version."""
@@ -810,7 +536,13 @@ class Optimizer:
         source: Loadable,
         sample_dir: Path,
         tolerance: Tolerance,
+        prior_speedup: float,
+        following: str | None,
     ) -> tuple[Outcome, Loadable | None]:
+        """Derive ``kind`` from ``source`` (or reuse it) and judge it: its outcome, and the
+        derived version when its answers are within tolerance (it serves only if the outcome
+        is accepted). Its speedup is over the version as published: ``prior_speedup`` is
+        that of ``source``."""
         if not isinstance(source.backend, Deriver) or kind not in source.backend.derivations:
             figures = Figures(kind, error=cannot_derive(source.name, source.backend, kind))
             return Outcome(figures, False, figures.error or "", False), None
@@ -820,19 +552,23 @@ class Optimizer:
             {"options": source.options, "sample": _sample_digest(sample_dir)},
         )
         entry = self.store.path(record.name, record.version, kind, key)
-        figures = self._reuse(entry)
-        reused = figures is not None
-        if figures is None:
-            figures = self._build(kind, source, sample_dir, entry)
+        cached = self._reuse(entry)
+        reused = cached is not None
+        figures = cached if cached is not None else self._build(kind, source, sample_dir, entry)
+        if figures.speedup is not None:
+            figures = dataclasses.replace(figures, speedup=figures.speedup * prior_speedup)
         accepted, reason = judge(figures, tolerance)
-        if not accepted or figures.backend is None:
+        accurate = accepted or judge(figures, dataclasses.replace(tolerance, min_speedup=0.0))[0]
+        if not accurate or figures.backend is None:
             return Outcome(figures, False, reason, reused), None
         try:
             backend = self.registry.get(figures.backend)
         except MultiserveError as exc:
             return Outcome(figures, False, exc.message, reused), None
-        outcome = Outcome(figures, True, reason, reused)
-        return outcome, Loadable(figures.backend, backend, entry, dict(figures.load_options))
+        if not accepted and following is not None:
+            reason += f"; {following} is derived from it"
+        derived = Loadable(figures.backend, backend, entry, dict(figures.load_options))
+        return Outcome(figures, accepted, reason, reused), derived
 
     def _reuse(self, entry: Path) -> Figures | None:
         if not self.store.lookup(entry):
@@ -846,7 +582,9 @@ class Optimizer:
 
     def _build(self, kind: str, source: Loadable, sample_dir: Path, entry: Path) -> Figures:
         staging = self.store.staging()
-        request = Request(kind, source.name, str(source.path), source.options, str(staging), str(sample_dir))
+        request = Request(
+            kind, source.name, str(source.path), source.options, str(staging), str(sample_dir)
+        )
         keep = False
         try:
             figures, keep = self._run_child(request, staging)
@@ -867,7 +605,11 @@ class Optimizer:
                 if self._closed:
                     return Figures(kind, error="the server is shutting down"), False
                 child = subprocess.Popen(
-                    command, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, env=_child_env()
+                    command,
+                    stdin=subprocess.PIPE,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=_child_env(),
                 )
                 self._children.add(child)
                 self.builds += 1
@@ -878,7 +620,8 @@ class Optimizer:
                 child.wait()
                 return Figures(
                     kind,
-                    error=f"deriving {kind} took longer than optimize_timeout_s = {self.timeout_s:g} s",
+                    error=f"deriving {kind} took longer than optimize_timeout_s = "
+                    f"{self.timeout_s:g} s",
                 ), False
             finally:
                 with self._lock:
@@ -901,16 +644,9 @@ class Optimizer:
 
 def _sample_digest(sample_dir: Path) -> str:
     """The content of the files a check may take its sample from."""
-    candidates = (
-        sample_dir / REFERENCE_NPZ,
-        sample_dir.parent / REFERENCE_NPZ,
-        sample_dir / WARMUP_NPZ,
-        sample_dir / WARMUP_JSON,
-    )
     return "|".join(
         f"{path.parent.name}/{path.name}:{content_sha256(path)}"
-        for path in candidates
-        if path.is_file()
+        for path in sample_files(sample_dir)
     )
 
 

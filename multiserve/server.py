@@ -15,6 +15,7 @@ from pathlib import Path
 from multiserve.backends import BackendRegistry
 from multiserve.catalog import LATEST, VersionRecord
 from multiserve.concurrency import run_sync, set_worker_threads
+from multiserve.derived import DEFAULT_ROOT, DerivedStore
 from multiserve.errors import (
     Conflict,
     InvalidInput,
@@ -24,7 +25,6 @@ from multiserve.errors import (
     VersionNotFound,
 )
 from multiserve.lifecycle import Lifecycle, LoadedEntry
-from multiserve.derived import DEFAULT_ROOT, DerivedStore
 from multiserve.metrics import Metrics
 from multiserve.optimize import Optimizer
 from multiserve.repository.bucket import BucketOptions, BucketRepository, is_bucket_url

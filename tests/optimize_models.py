@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -63,3 +64,41 @@ def classifier_logits(version_dir: Path, x: np.ndarray) -> np.ndarray:
     session = ort.InferenceSession(str(version_dir / "model.onnx"))
     result: np.ndarray = session.run(None, {"x": x})[0]
     return result
+
+
+def write_torch_classifier(version_dir: Path, seed: int = 0, width: int = 1024) -> Path:
+    """`write_classifier`'s model built with torch and saved as TorchScript (``model.pt``,
+    with the ``config.toml`` that declares its tensors), with the same ``reference.npz``: for
+    export, then int8."""
+    import torch
+
+    onnx_dir = version_dir.parent / f".{version_dir.name}-onnx"
+    write_classifier(onnx_dir, seed=seed, width=width)
+    graph = onnx.load(str(onnx_dir / "model.onnx")).graph
+    weights = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+
+    class Classifier(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            for name in ("expand0", "fold0", "expand1", "fold1", "classes"):
+                self.register_buffer(name, torch.from_numpy(weights[name].copy()))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.relu(x @ self.expand0) @ self.fold0
+            h = torch.relu(h @ self.expand1) @ self.fold1
+            logits: torch.Tensor = h @ self.classes
+            return logits
+
+    version_dir.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():  # TorchScript is deprecated upstream
+        warnings.simplefilter("ignore", DeprecationWarning)
+        scripted = torch.jit.script(Classifier().eval())  # type: ignore[no-untyped-call]
+        scripted.save(str(version_dir / "model.pt"))
+    (version_dir / "config.toml").write_text(
+        f'[[inputs]]\nname = "x"\ndtype = "float32"\nshape = [-1, {FEATURES}]\n\n'
+        f'[[outputs]]\nname = "logits"\ndtype = "float32"\nshape = [-1, {CLASSES}]\n'
+    )
+    (onnx_dir / "reference.npz").replace(version_dir / "reference.npz")
+    (onnx_dir / "model.onnx").unlink()
+    onnx_dir.rmdir()
+    return version_dir / "model.pt"

@@ -27,7 +27,9 @@ def derive(
     providers: list[Any],
 ) -> dict[str, Any]:
     source, target = version_dir / ARTIFACT, out_dir / ARTIFACT
-    large = sum(p.stat().st_size for p in version_dir.iterdir() if p.is_file()) > EXTERNAL_DATA_BYTES
+    large = (
+        sum(p.stat().st_size for p in version_dir.iterdir() if p.is_file()) > EXTERNAL_DATA_BYTES
+    )
     if kind == "graph":
         optimize_graph(source, target, providers, large)
     elif kind == "int8":
@@ -64,30 +66,27 @@ def optimize_graph(
 
 
 def quantize_int8(source: Path, target: Path, providers: list[Any], large: bool) -> None:
-    """Dynamic quantisation: MatMul and Gemm weights stored as int8, activations quantised at
-    run time, after ONNX Runtime's quantisation pre-processing (shape inference and the graph
-    optimisations that keep the standard operators the quantiser knows). The quantised graph
-    is then optimised in full, which fuses it into ONNX Runtime's integer kernels."""
+    """Dynamic quantisation: MatMul and Gemm weights stored as int8 (one scale per output
+    channel), activations quantised at run time. Before it, the graph optimisations that keep
+    to standard operators (the ones the quantiser knows: what its own pre-processing runs,
+    without the symbolic shape inference that imports torch); after it, the full set, which
+    fuses the quantised graph into ONNX Runtime's integer kernels."""
     try:
-        from onnxruntime.quantization import QuantType, quant_pre_process, quantize_dynamic
+        from onnxruntime.quantization import QuantType, quantize_dynamic
     except ImportError as exc:
         raise RuntimeError(
             f"int8 quantisation needs the onnx package ({exc}): "
             "pip install 'multiserve-onnx[int8]'"
         ) from None
-    # The quantiser's advice to pre-process is logged on the root logger; we do.
-    quiet = logging.getLogger()
-    level = quiet.level
+    root = logging.getLogger()  # the quantiser's advice to pre-process is logged here
+    level = root.level
     with tempfile.TemporaryDirectory(prefix=".int8-", dir=target.parent) as scratch:
         prepared = Path(scratch) / "prepared.onnx"
         quantized = Path(scratch) / "quantized.onnx"
-        quant_pre_process(
-            str(source),
-            str(prepared),
-            save_as_external_data=large,
-            all_tensors_to_one_file=True,
+        optimize_graph(
+            source, prepared, providers, large, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         )
-        quiet.setLevel(max(level, logging.ERROR))
+        root.setLevel(max(level, logging.ERROR))
         try:
             quantize_dynamic(
                 prepared,
@@ -98,5 +97,5 @@ def quantize_int8(source: Path, target: Path, providers: list[Any], large: bool)
                 use_external_data_format=large,
             )
         finally:
-            quiet.setLevel(level)
+            root.setLevel(level)
         optimize_graph(quantized, target, providers, large)
