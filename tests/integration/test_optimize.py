@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import jsonschema
 import numpy as np
 import pytest
 
 from examples.make_models import write_exported
+from multiserve.http.openapi import build
 from tests.conftest import StartServer
 from tests.helpers import AUTH, wait_for
 from tests.optimize_models import classifier_logits, write_classifier, write_torch_classifier
@@ -30,6 +32,12 @@ def described(client: httpx.Client, name: str, version: str = "latest") -> dict[
     assert response.status_code == 200, response.text
     body: dict[str, Any] = response.json()
     return body
+
+
+def documented(body: dict[str, Any]) -> None:
+    """``body`` is what the OpenAPI document says GET /models/{name}/{version} answers."""
+    schema = {"$ref": "#/components/schemas/VersionDescription", **build()}
+    jsonschema.Draft202012Validator(schema).validate(body)
 
 
 def predict(client: httpx.Client, name: str, inputs: Any, version: str = "latest") -> Any:
@@ -61,7 +69,9 @@ def test_int8_serves_a_faster_model_that_picks_the_same_classes(
     (classifier_repo / "clf" / "config.toml").write_text('optimize = "int8"\n')
     server = start_server(classifier_repo, optimize_cache_dir=str(tmp_path / "derived"))
     with server.client() as client:
-        block = described(client, "clf")["optimized"]
+        version = described(client, "clf")
+        documented(version)
+        block = version["optimized"]
         assert block["kind"] == "int8"
         assert block["accepted"] is True, block["reason"]
         assert block["speedup"] >= 1.2
