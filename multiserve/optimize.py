@@ -246,20 +246,20 @@ def derive_and_check(request: Request, registry: BackendRegistry) -> Figures:
     if found is None:
         return Figures(kind, error=f"deriving {kind}: {problem}", source_bytes=source_bytes)
     target_name, artifact = found
-    if artifact:
-        write_checksum(out / artifact)
-    (out / CONFIG_FILE).write_text(derived_config(kind, load_options))
-    _copy_samples(Path(request.sample_dir), out)
     figures = Figures(
         kind,
         source_bytes=source_bytes,
-        optimized_bytes=model_bytes(out),
         build_seconds=build_seconds,
         backend=target_name,
         artifact=artifact or None,
         load_options=load_options,
     )
     try:
+        if artifact:
+            write_checksum(out / artifact)
+        (out / CONFIG_FILE).write_text(derived_config(kind, load_options))
+        _copy_samples(Path(request.sample_dir), out)
+        figures = dataclasses.replace(figures, optimized_bytes=model_bytes(out))
         target = registry.get(target_name)
         measured = _check(
             backend, source, request.options, target, out, load_options, Path(request.sample_dir)
@@ -480,15 +480,28 @@ class Optimizer:
             return backend, path, rest
         if record.artifact is not None and checksum_mismatch(path / record.artifact):
             return backend, path, rest  # the load verifies it and fails with the reason
+        original = Loadable(record.backend or "", backend, path, rest)
+        try:
+            served = self._derive(record, plan, original)
+        except Exception as exc:  # an unwritable cache directory, a child that cannot start
+            logger.exception("%s: deriving %s failed", what, " and ".join(plan.steps))
+            figures = Figures(plan.steps[0], error=f"deriving failed: {type(exc).__name__}: {exc}")
+            outcome = Outcome(figures, False, figures.error or "", False)
+            self._remember(record.ident, {block_name(plan.steps[0]): outcome})
+            served = original
+        return served.backend, served.path, served.options
+
+    def _derive(self, record: VersionRecord, plan: Plan, original: Loadable) -> Loadable:
+        what = f"{record.name} version {record.version}"
         # An export may be only the way to an optimisation (torch -> ONNX -> int8): the next
         # step derives from it when it is accurate, even if it alone is not fast enough to serve.
-        source = served = Loadable(record.backend or "", backend, path, rest)
+        source = served = original
         speedup = 1.0  # of `source` over the version as published
         outcomes: dict[str, Outcome] = {}
         for index, kind in enumerate(plan.steps):
             following = plan.steps[index + 1] if index + 1 < len(plan.steps) else None
             outcome, derived = self._step(
-                record, kind, source, path, plan.tolerance(kind), speedup, following
+                record, kind, source, original.path, plan.tolerance(kind), speedup, following
             )
             outcomes[block_name(kind)] = outcome
             level = logging.INFO if outcome.accepted else logging.WARNING
@@ -499,7 +512,7 @@ class Optimizer:
                 if outcome.accepted:
                     served = derived
         self._remember(record.ident, outcomes)
-        return served.backend, served.path, served.options
+        return served
 
     def describe(self, record: VersionRecord) -> dict[str, Any]:
         """The ``optimized`` / ``exported`` blocks of a loaded version."""

@@ -277,6 +277,21 @@ def test_a_derivation_past_its_timeout_leaves_the_original_serving(
     assert cache_entries(tmp_path / "derived") == []  # a timeout is not a verdict
 
 
+def test_an_unusable_cache_directory_leaves_the_original_serving(
+    start_server: StartServer, classifier_repo: Path, tmp_path: Path
+) -> None:
+    (classifier_repo / "clf" / "config.toml").write_text('optimize = "int8"\n')
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a directory")
+    server = start_server(classifier_repo, optimize_cache_dir=str(blocked))
+    with server.client() as client:
+        block = described(client, "clf")["optimized"]
+        assert block["accepted"] is False
+        assert block["reason"].startswith("deriving failed: ")
+        x = reference_rows(classifier_repo / "clf" / "1", rows=2)
+        assert predict(client, "clf", x.tolist())["model_version"] == "1"
+
+
 def test_an_invalid_optimize_value_fails_the_version_with_its_reason(
     start_server: StartServer, classifier_repo: Path, tmp_path: Path
 ) -> None:
