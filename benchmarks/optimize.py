@@ -6,8 +6,8 @@ matter.
 Builds two torch models and saves them with ``torch.export`` (``model.pt2``), as a user
 publishes them:
 
-- ``mlp``: a 52 MB perceptron (256 -> 2048 -> 3 x (2048 -> 2048) -> 10), trained for a few seconds on a
-  synthetic 10-class problem, so that its accuracy means something;
+- ``mlp``: a 52 MB perceptron (256 -> 2048 -> 3 x (2048 -> 2048) -> 10), trained for 40
+  steps on a synthetic 10-class problem, so that its accuracy means something;
 - ``encoder``: a small transformer encoder (token embedding, 4 layers of d_model 256, 4 heads,
   mean pooling, 10 classes), seq 32, random weights.
 
@@ -73,7 +73,7 @@ def clusters(rng: np.random.Generator, rows: int) -> tuple[np.ndarray, np.ndarra
     return (centres[labels] + noise).astype(np.float32), labels
 
 
-def build_mlp(version_dir: Path, train_seconds: float) -> tuple[np.ndarray, np.ndarray]:
+def build_mlp(version_dir: Path, steps: int) -> tuple[np.ndarray, np.ndarray]:
     import torch
 
     torch.manual_seed(0)
@@ -84,15 +84,12 @@ def build_mlp(version_dir: Path, train_seconds: float) -> tuple[np.ndarray, np.n
     module = torch.nn.Sequential(*layers)
     optimizer = torch.optim.Adam(module.parameters(), lr=1e-4)
     rng = np.random.default_rng(0)
-    started = time.monotonic()
-    steps = 0
-    while time.monotonic() - started < train_seconds:
+    for _ in range(steps):
         x, y = clusters(rng, 128)
         loss = torch.nn.functional.cross_entropy(module(torch.from_numpy(x)), torch.from_numpy(y))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        steps += 1
     module.eval()
     print(f"mlp: trained {steps} steps of 128 rows, last loss {loss.item():.3f}")
     _save(module, (torch.zeros(2, FEATURES),), version_dir)
@@ -128,9 +125,7 @@ def build_encoder(version_dir: Path) -> np.ndarray:
 def _save(module: Any, example: tuple[Any, ...], version_dir: Path) -> None:
     import torch
 
-    program = torch.export.export(
-        module, example, dynamic_shapes=({0: torch.export.Dim("batch")},)
-    )
+    program = torch.export.export(module, example, dynamic_shapes=({0: torch.export.Dim("batch")},))
     version_dir.mkdir(parents=True, exist_ok=True)
     torch.export.save(program, str(version_dir / "model.pt2"))
     size = (version_dir / "model.pt2").stat().st_size
@@ -284,7 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: dict[str, Any] = {**result_header("optimize"), "rounds": rounds, "models": {}}
     with tempfile.TemporaryDirectory(prefix="multiserve-optimize-") as scratch:
         root = Path(scratch)
-        eval_x, labels = build_mlp(root / "mlp" / "1", train_seconds=5 if args.quick else 20)
+        eval_x, labels = build_mlp(root / "mlp" / "1", steps=15 if args.quick else 40)
         eval_ids = build_encoder(root / "encoder" / "1")
         inputs = {"mlp": root / "mlp-eval.npz", "encoder": root / "encoder-eval.npz"}
         np.savez(inputs["mlp"], input=eval_x)

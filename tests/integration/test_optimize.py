@@ -260,6 +260,33 @@ def test_changed_files_are_derived_again_while_the_old_version_serves(
     assert len(cache_entries(cache)) == 2  # new files, new key
 
 
+def test_a_change_to_the_files_of_a_version_derives_it_again(
+    start_server: StartServer, classifier_repo: Path, tmp_path: Path
+) -> None:
+    (classifier_repo / "clf" / "config.toml").write_text('optimize = "int8"\n')
+    (classifier_repo / "clf" / "1" / "READY").touch()
+    cache = tmp_path / "derived"
+    server = start_server(classifier_repo, optimize_cache_dir=str(cache), settle_window_s=0.2)
+    replacement = tmp_path / "replacement"
+    write_classifier(replacement, seed=1)  # other weights, same shapes
+    x = reference_rows(replacement)
+    expected = classifier_logits(replacement, x).argmax(1)
+
+    def classes(client: httpx.Client) -> np.ndarray:
+        return np.array(predict(client, "clf", x.tolist())["outputs"]["logits"]).argmax(1)
+
+    with server.client() as client:
+        assert described(client, "clf")["optimized"]["reused"] is False
+        assert not np.array_equal(classes(client), expected)
+        for name in ("model.onnx", "reference.npz"):
+            os.replace(replacement / name, classifier_repo / "clf" / "1" / name)
+        wait_for(lambda: np.array_equal(classes(client), expected), 60, "the new files")
+        block = described(client, "clf")["optimized"]
+        assert block["accepted"] is True
+        assert block["reused"] is False  # derived from the new files, not the old ones
+    assert len(cache_entries(cache)) == 2
+
+
 def test_a_derivation_past_its_timeout_leaves_the_original_serving(
     start_server: StartServer, classifier_repo: Path, tmp_path: Path
 ) -> None:
