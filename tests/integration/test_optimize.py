@@ -278,12 +278,11 @@ def test_a_change_to_the_files_of_a_version_derives_it_again(
     with server.client() as client:
         assert described(client, "clf")["optimized"]["reused"] is False
         assert not np.array_equal(classes(client), expected)
-        for name in ("model.onnx", "reference.npz"):
-            os.replace(replacement / name, classifier_repo / "clf" / "1" / name)
+        os.replace(replacement / "model.onnx", classifier_repo / "clf" / "1" / "model.onnx")
         wait_for(lambda: np.array_equal(classes(client), expected), 60, "the new files")
-        block = described(client, "clf")["optimized"]
-        assert block["accepted"] is True
-        assert block["reused"] is False  # derived from the new files, not the old ones
+        # Derived from the new file, not taken from the cache for the old one. (Whether it
+        # serves depends on the old reference.npz, which no longer suits the model.)
+        assert described(client, "clf")["optimized"]["reused"] is False
     assert len(cache_entries(cache)) == 2
 
 
