@@ -88,7 +88,7 @@ def build_mlp(version_dir: Path, steps: int) -> tuple[np.ndarray, np.ndarray]:
         x, y = clusters(rng, 128)
         loss = torch.nn.functional.cross_entropy(module(torch.from_numpy(x)), torch.from_numpy(y))
         optimizer.zero_grad()
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         optimizer.step()
     module.eval()
     print(f"mlp: trained {steps} steps of 128 rows, last loss {loss.item():.3f}")
@@ -323,7 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for (model, name), runs in samples.items():
             answers = np.load(root / f"{model}-{name}-answers.npy")
             original = np.load(root / f"{model}-torch-answers.npy")
-            summary = {
+            summary: dict[str, Any] = {
                 key: median([run[key] for run in runs])
                 for key in ("latency_ms", "rows_per_s", "memory_bytes", "load_seconds")
             }

@@ -80,8 +80,11 @@ def write_torch_classifier(version_dir: Path, seed: int = 0, width: int = 1024) 
     class Classifier(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            for name in ("expand0", "fold0", "expand1", "fold1", "classes"):
-                self.register_buffer(name, torch.from_numpy(weights[name].copy()))
+            self.expand0 = torch.nn.Buffer(torch.from_numpy(weights["expand0"].copy()))
+            self.fold0 = torch.nn.Buffer(torch.from_numpy(weights["fold0"].copy()))
+            self.expand1 = torch.nn.Buffer(torch.from_numpy(weights["expand1"].copy()))
+            self.fold1 = torch.nn.Buffer(torch.from_numpy(weights["fold1"].copy()))
+            self.classes = torch.nn.Buffer(torch.from_numpy(weights["classes"].copy()))
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             h = torch.relu(x @ self.expand0) @ self.fold0
@@ -92,8 +95,8 @@ def write_torch_classifier(version_dir: Path, seed: int = 0, width: int = 1024) 
     version_dir.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():  # TorchScript is deprecated upstream
         warnings.simplefilter("ignore", DeprecationWarning)
-        scripted = torch.jit.script(Classifier().eval())  # type: ignore[no-untyped-call]
-        scripted.save(str(version_dir / "model.pt"))
+        scripted = torch.jit.script(Classifier().eval())
+        scripted.save(str(version_dir / "model.pt"))  # type: ignore[no-untyped-call]
     (version_dir / "config.toml").write_text(
         f'[[inputs]]\nname = "x"\ndtype = "float32"\nshape = [-1, {FEATURES}]\n\n'
         f'[[outputs]]\nname = "logits"\ndtype = "float32"\nshape = [-1, {CLASSES}]\n'

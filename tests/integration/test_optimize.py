@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import jsonschema
+import jsonschema  # type: ignore[import-untyped]
 import numpy as np
 import pytest
 
@@ -273,7 +273,9 @@ def test_a_change_to_the_files_of_a_version_derives_it_again(
     expected = classifier_logits(replacement, x).argmax(1)
 
     def classes(client: httpx.Client) -> np.ndarray:
-        return np.array(predict(client, "clf", x.tolist())["outputs"]["logits"]).argmax(1)
+        logits = np.array(predict(client, "clf", x.tolist())["outputs"]["logits"])
+        found: np.ndarray = logits.argmax(1)
+        return found
 
     with server.client() as client:
         assert described(client, "clf")["optimized"]["reused"] is False

@@ -75,8 +75,7 @@ def quantize_int8(source: Path, target: Path, providers: list[Any], large: bool)
         from onnxruntime.quantization import QuantType, quantize_dynamic
     except ImportError as exc:
         raise RuntimeError(
-            f"int8 quantisation needs the onnx package ({exc}): "
-            "pip install 'multiserve-onnx[int8]'"
+            f"int8 quantisation needs the onnx package ({exc}): pip install 'multiserve-onnx[int8]'"
         ) from None
     root = logging.getLogger()  # the quantiser's advice to pre-process is logged here
     level = root.level
