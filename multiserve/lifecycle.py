@@ -44,6 +44,7 @@ from multiserve.loading import (
     predictor,
 )
 from multiserve.memory import MemoryCost, MemoryMeter
+from multiserve.optimize import Optimizer
 from multiserve.policy import VersionState
 from multiserve.types import Describable, LoadContext, Model, PayloadModel
 
@@ -136,8 +137,11 @@ class Lifecycle:
         load_threads: int = 1,
         inference_threads: int = 1,
         max_batch_size: int = 1,
+        optimizer: Optimizer | None = None,
     ) -> None:
         self.registry = registry
+        # optimize / export in a model's config.toml: derived artifacts, checked and cached.
+        self.optimizer = optimizer if optimizer is not None else Optimizer(registry)
         self.observer: LifecycleObserver = observer if observer is not None else _Unobserved()
         self.source: VersionSource = source if source is not None else LocalFiles()
         self.default_device = default_device
@@ -157,6 +161,7 @@ class Lifecycle:
             MemoryMeter(load_threads),
             default_device=default_device,
             warmup=warmup,
+            optimizer=self.optimizer,
         )
         self.inference_threads = inference_threads
         self.max_batch_size = max_batch_size
@@ -570,6 +575,7 @@ class Lifecycle:
         return True
 
     async def close_all(self) -> None:
+        self.optimizer.close()
         for task in list(self._promotions.values()):
             task.cancel()
         for _, entry in self.cache.items():
@@ -604,6 +610,7 @@ class Lifecycle:
                 described["memory"] = entry.memory.to_json()
             described["load_seconds"] = round(entry.load_seconds, 6)
             described.update(entry.model.metadata.to_json())
+            described.update(self.optimizer.describe(entry.record))
             if isinstance(entry.model, Describable):
                 described.update(entry.model.describe())
         return described

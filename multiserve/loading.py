@@ -25,6 +25,7 @@ from multiserve.errors import (
     VersionGone,
 )
 from multiserve.memory import MemoryCost, MemoryMeter, release_freed_memory
+from multiserve.optimize import Optimizer
 from multiserve.repository import describe
 from multiserve.types import (
     Array,
@@ -108,8 +109,11 @@ class Loader:
         *,
         default_device: str,
         warmup: bool,
+        optimizer: Optimizer | None = None,
     ) -> None:
         self.registry = registry
+        # optimize / export in a model's config.toml: derived artifacts, checked and cached.
+        self.optimizer = optimizer if optimizer is not None else Optimizer(registry)
         self.source = source
         self.meter = meter
         self.default_device = default_device
@@ -140,6 +144,9 @@ class Loader:
             logger.debug("fetching %s failed", what, exc_info=True)
             raise DownloadFailed(f"{what}: downloading its files failed: {describe(exc)}") from exc
         context = context if context is not None else LoadContext()
+        # Outside the memory gate: a derivation runs in a child process, and other loads need
+        # not wait for it.
+        backend, path, options = self.optimizer.prepare(record, backend, path, options)
         try:
             model, cost = self.meter.measure(
                 lambda: self._load_and_warm(

@@ -15,6 +15,7 @@ from multiserve import policy
 from multiserve.backends import BackendRegistry
 from multiserve.catalog import LATEST, VersionRecord
 from multiserve.concurrency import run_sync, set_worker_threads
+from multiserve.derived import DEFAULT_ROOT, DerivedStore
 from multiserve.discovery import Discovery
 from multiserve.errors import (
     Conflict,
@@ -27,6 +28,7 @@ from multiserve.errors import (
 from multiserve.lifecycle import Lifecycle, LoadedEntry
 from multiserve.memory import map_large_blocks
 from multiserve.metrics import Metrics
+from multiserve.optimize import Optimizer
 from multiserve.pipelines import load_context
 from multiserve.repository.bucket import BucketOptions, BucketRepository, is_bucket_url
 from multiserve.repository.disk_cache import DiskCache
@@ -91,6 +93,13 @@ class ModelServer:
             load_threads=settings.load_threads,
             inference_threads=settings.inference_threads,
             max_batch_size=settings.max_batch_size,
+            optimizer=Optimizer(
+                self.registry,
+                DerivedStore(
+                    Path(settings.optimize_cache_dir or DEFAULT_ROOT), settings.optimize_cache_bytes
+                ),
+                settings.optimize_timeout_s,
+            ),
         )
         self.metrics.watch(self)
         state_dir = Path(settings.state_dir).expanduser() if settings.state_dir else default_state

@@ -195,6 +195,24 @@ class Settings:
         "Most bytes of loaded models (e.g. '2GiB'); the least recently used "
         "unpinned ones are evicted to stay under it. 0: no bound.",
     )
+    optimize_cache_dir: str = _setting(
+        "",
+        _text,
+        "Where models derived by optimize / export (a model's config.toml) are kept, keyed by "
+        "their source files, runtime and machine. Empty: ~/.cache/multiserve/derived.",
+    )
+    optimize_cache_bytes: int = _setting(
+        10 * 1024**3,
+        parse_size,
+        "Bound on optimize_cache_dir (e.g. '20GiB'); least recently used derived models are "
+        "deleted first. 0: no bound.",
+    )
+    optimize_timeout_s: float = _setting(
+        600.0,
+        _positive_float,
+        "Longest a derivation (optimize / export) and its check may take; past it the original "
+        "serves.",
+    )
     load_threads: int = _setting(
         1,
         _int_in(1, 64),

@@ -306,3 +306,23 @@ class LoadContext:
     # The server's settings (`multiserve.settings.Settings` fields, the admin token left out),
     # for server-wide defaults of a backend's options.
     settings: Mapping[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Deriver(Protocol):
+    """Optional, beside `Backend`: a backend that derives a faster artifact from a version it
+    loads (``optimize`` / ``export`` in a model's config.toml). The core calls it in a child
+    process, checks what it wrote against the original, and caches it (`multiserve.optimize`).
+    """
+
+    derivations: frozenset[str]  # the kinds it can derive, e.g. {"graph", "int8"}
+
+    def derive(
+        self, kind: str, version_dir: Path, options: Mapping[str, Any], out_dir: Path
+    ) -> dict[str, Any]:
+        """Write the derived version of ``version_dir`` into ``out_dir`` (an empty directory):
+        an artifact that some installed backend loads, and any file it needs. ``options`` are
+        the version's backend options. Returns the options to load the derived version with
+        (they go into its config.toml). Raise with a message meant for the operator when the
+        version cannot be derived."""
+        ...

@@ -99,6 +99,33 @@ _MEMORY_COST = {
         "reported_bytes": {"type": "integer"},
     },
 }
+_NUMBER_OR_NULL = {"type": ["number", "null"]}
+_DERIVED = {
+    "type": "object",
+    "description": "A model derived by `optimize` / `export` in the version's config.toml and "
+    "checked against the original before it may serve. `accepted`: it serves (for an export "
+    "followed by an optimisation, the optimised model serves if it is accepted). `speedup` is "
+    "over the version as published; errors and agreement are against the step's source.",
+    "required": ["kind", "accepted", "reason", "speedup", "max_abs_error", "argmax_agreement"],
+    "properties": {
+        "kind": {"enum": ["graph", "int8", "onnx"]},
+        "accepted": {"type": "boolean"},
+        "reason": {"type": "string"},
+        "speedup": _NUMBER_OR_NULL,
+        "max_abs_error": _NUMBER_OR_NULL,
+        "max_rel_error": _NUMBER_OR_NULL,
+        "argmax_agreement": _NUMBER_OR_NULL,
+        "source_bytes": {"type": "integer"},
+        "optimized_bytes": {"type": ["integer", "null"]},
+        "backend": {"type": ["string", "null"]},
+        "sample": {"type": ["string", "null"]},
+        "rows": {"type": ["integer", "null"]},
+        "seconds_per_call": {"type": "object"},
+        "load_seconds": {"type": "object"},
+        "build_seconds": _NUMBER_OR_NULL,
+        "reused": {"type": "boolean"},
+    },
+}
 _VERSION_DESCRIPTION = {
     "type": "object",
     "required": ["name", "version", "state", "backend", "artifact", "pinned", "labels"],
@@ -116,6 +143,8 @@ _VERSION_DESCRIPTION = {
         "load_seconds": {"type": "number"},
         "inputs": {"type": "array", "items": _ref("TensorSpec")},
         "outputs": {"type": "array", "items": _ref("TensorSpec")},
+        "optimized": _ref("DerivedModel"),
+        "exported": _ref("DerivedModel"),
     },
 }
 _MODEL_DESCRIPTION = {
@@ -639,6 +668,7 @@ def build() -> dict[str, Any]:
                 "Error": _ERROR,
                 "V2Error": _V2_ERROR,
                 "TensorSpec": _TENSOR_SPEC,
+                "DerivedModel": _DERIVED,
                 "VersionDescription": _VERSION_DESCRIPTION,
                 "ModelDescription": _MODEL_DESCRIPTION,
                 "PredictRequest": _PREDICT_REQUEST,

@@ -5,6 +5,10 @@ Options (a model's config.toml):
 - ``device``: ``cpu``, ``cuda`` or ``cuda:N`` (CUDA needs the ``onnxruntime-gpu`` build).
 - ``intra_op_threads`` / ``inter_op_threads``: ONNX Runtime thread pools; 0 lets it choose.
 - ``optimization``: graph optimisation level, ``disable``, ``basic``, ``extended`` or ``all``.
+
+Derives (``optimize`` in config.toml, see ``multiserve.optimize``): ``graph``, the graph
+ONNX Runtime optimised, saved so that loads skip optimising it; ``int8``, dynamic int8
+quantisation of the MatMul/Gemm weights (needs the ``int8`` extra: the onnx package).
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ _IDENTITY = (
 
 class OnnxBackend:
     name = "onnx"
+    derivations = frozenset({"graph", "int8"})
 
     def start(self) -> None:
         """Run one tiny session, once: onnxruntime's first session sets up process-wide state
@@ -97,6 +102,14 @@ class OnnxBackend:
         # The weights dominate a session's memory: the model file plus any external data files.
         memory = sum(p.stat().st_size for p in version_dir.iterdir() if p.is_file())
         return OnnxModel(session, metadata, memory)
+
+    def derive(
+        self, kind: str, version_dir: Path, options: Mapping[str, Any], out_dir: Path
+    ) -> dict[str, Any]:
+        from multiserve_onnx.derive import derive
+
+        providers = _providers(str(options.get("device", "cpu")))
+        return derive(kind, version_dir, options, out_dir, providers)
 
 
 class OnnxModel:

@@ -8,6 +8,10 @@ Options (a model's config.toml):
   order ``forward`` takes and returns them. Required for TorchScript, which records no names
   or shapes; optional for ``model.pt2``, whose graph has them (outputs are then named
   ``output_0``, ``output_1``, ...).
+
+Derives (``export = "onnx"`` in config.toml, see ``multiserve.optimize``): ``onnx``, the model
+exported with ``torch.onnx.export`` and served by the onnx backend (``model.pt2`` needs the
+``onnx`` extra: onnxscript).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ _DTYPES = {
 
 class TorchBackend:
     name = "torch"
+    derivations = frozenset({"onnx"})
 
     def can_load(self, version_dir: Path) -> bool:
         return (version_dir / EXPORTED).is_file() or (version_dir / TORCHSCRIPT).is_file()
@@ -61,6 +66,21 @@ class TorchBackend:
         if memory == 0:
             memory = sum(p.stat().st_size for p in version_dir.iterdir() if p.is_file())
         return TorchModel(module, metadata, memory, device)
+
+    def derive(
+        self, kind: str, version_dir: Path, options: Mapping[str, Any], out_dir: Path
+    ) -> dict[str, Any]:
+        from multiserve_torch.export import export_onnx
+
+        if kind != "onnx":
+            raise ValueError(f"the torch backend derives onnx, not {kind!r}")
+        cpu = torch.device("cpu")  # exported on the CPU; the onnx backend moves it
+        if (version_dir / EXPORTED).is_file():
+            program = torch.export.load(str(version_dir / EXPORTED))
+            module, metadata = _exported(program, cpu, options)
+            return export_onnx(program, module, metadata, options, out_dir)
+        module, metadata = _load_torchscript(version_dir / TORCHSCRIPT, cpu, options)
+        return export_onnx(None, module, metadata, options, out_dir)
 
 
 class TorchModel:
@@ -109,7 +129,12 @@ class TorchModel:
 def _load_exported(
     path: Path, device: torch.device, options: Mapping[str, Any]
 ) -> tuple[torch.nn.Module, ModelMetadata]:
-    program = torch.export.load(str(path))
+    return _exported(torch.export.load(str(path)), device, options)
+
+
+def _exported(
+    program: torch.export.ExportedProgram, device: torch.device, options: Mapping[str, Any]
+) -> tuple[torch.nn.Module, ModelMetadata]:
     if device.type != "cpu":
         from torch.export.passes import move_to_device_pass
 
