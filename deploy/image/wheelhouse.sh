@@ -3,10 +3,10 @@
 # backends (and of hatchling, which builds multiserve), using this machine's pip and its
 # configuration, so that `--build-arg PIP_NO_INDEX=1` builds the image without any index.
 #
-#   deploy/image/wheelhouse.sh [BACKENDS]        # BACKENDS: "onnx torch" (default) or "onnx"
+#   deploy/image/wheelhouse.sh [BACKENDS]   # BACKENDS: "onnx torch python" (default), "onnx", ...
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-backends=${1:-onnx torch}
+backends=${1:-onnx torch python}
 wheelhouse=deploy/image/wheelhouse
 pip=(python3 -m pip)
 [ -x .venv/bin/pip ] && pip=(.venv/bin/pip)

@@ -108,7 +108,10 @@ def test_server_deployments_probe_drain_and_size_as_the_server_expects(folder: s
     assert server["securityContext"]["readOnlyRootFilesystem"] is True
     mounts = {m["mountPath"] for m in server["volumeMounts"]}
     assert "/var/lib/multiserve/state" in mounts  # pins and labels need somewhere to go
-    assert server["ports"] == [{"name": "http", "containerPort": 8000}]
+    assert server["ports"] == [
+        {"name": "http", "containerPort": 8000},
+        {"name": "grpc", "containerPort": 8001},
+    ]
     if folder == "model-load":
         assert env["MULTISERVE_MODELS"]["value"].startswith("s3://")
         assert "/var/cache/multiserve" in mounts
