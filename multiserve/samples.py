@@ -82,6 +82,11 @@ class PayloadLog:
             except queue.Full:
                 self._drop("the writer is behind")
 
+    @property
+    def idle(self) -> bool:
+        """Every sample queued so far is written or dropped."""
+        return self._queue.unfinished_tasks == 0
+
     def close(self, timeout: float = 5.0) -> None:
         with contextlib.suppress(queue.Full):
             self._queue.put(None, timeout=timeout)
@@ -102,17 +107,23 @@ class PayloadLog:
             if sample is None:
                 break
             try:
-                line = self._encode(sample)
-            except Exception as exc:  # a model's odd output must not stop the writer
-                self._drop(f"a sample could not be encoded: {exc}")
-                continue
-            try:
-                self._write(line)
-                self.written += 1
-            except OSError as exc:
-                self._close_file()
-                self._drop(f"cannot write to {self.settings.directory}: {exc}")
+                self._write_one(sample)
+            finally:
+                self._queue.task_done()
         self._close_file()
+
+    def _write_one(self, sample: _Sample) -> None:
+        try:
+            line = self._encode(sample)
+        except Exception as exc:  # a model's odd output must not stop the writer
+            self._drop(f"a sample could not be encoded: {exc}")
+            return
+        try:
+            self._write(line)
+            self.written += 1
+        except OSError as exc:
+            self._close_file()
+            self._drop(f"cannot write to {self.settings.directory}: {exc}")
 
     def _encode(self, sample: _Sample) -> bytes:
         timestamp, name, version, inputs, outputs = sample
