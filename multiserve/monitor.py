@@ -207,7 +207,7 @@ class DriftReport:
     """What `DriftMonitor.report` answers (``GET /models/{name}/{version}/monitor``)."""
 
     reference_source: str  # "file:<path>", "first_rows", "pending", "none"
-    reference_rows: int
+    reference_rows: int  # while "pending": the rows collected so far
     window: int
     window_rows: int
     threshold: float
@@ -348,6 +348,7 @@ class DriftMonitor:
             self._collected.setdefault(name, []).append(values[: wanted - self._collected_rows])
             rows = max(rows, min(len(values), wanted - self._collected_rows))
         self._collected_rows += rows
+        self.report_cache.reference_rows = self._collected_rows
         if self._collected_rows >= wanted:
             reference = {}
             for name, parts in self._collected.items():
@@ -439,7 +440,7 @@ class DriftMonitor:
         window_rows = max((w.count for w in self._windows.values()), default=0)
         report = DriftReport(
             self._source,
-            self._reference_rows,
+            self._collected_rows if self._source == "pending" else self._reference_rows,
             self.settings.window,
             window_rows,
             self.settings.threshold,

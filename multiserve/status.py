@@ -72,9 +72,11 @@ class History:
     # --- traffic ----------------------------------------------------------------------------
 
     async def run(self, metrics: Metrics) -> None:
+        # Woken often, so that a changed interval_s applies at once (tests shorten it).
         while True:
-            self.sample(metrics)
-            await asyncio.sleep(self.interval_s)
+            if time.time() - self._previous_at >= self.interval_s:
+                self.sample(metrics)
+            await asyncio.sleep(min(self.interval_s, 0.5))
 
     def sample(self, metrics: Metrics, now: float | None = None) -> None:
         """Take one point per model: the requests since the previous call."""
@@ -189,6 +191,7 @@ def drift_summary(report: Any) -> dict[str, Any]:
         "drift": report.drift,
         "since": report.since,
         "reference": report.reference_source.split(":", 1)[0],
+        "reference_rows": report.reference_rows,
         "window_rows": report.window_rows,
         "worst": [{"input": s.input, **s.to_json()} for s in report.worst(3)],
     }
