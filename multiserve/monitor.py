@@ -49,6 +49,8 @@ MAX_COLUMNS = 256
 MAX_CATEGORIES = 64
 # Fewest window rows before a verdict: below it, PSI's sampling noise alone nears 0.2.
 MIN_ROWS = 200
+# Requests queued before their rows are taken in one go (`DriftMonitor.observe`).
+BATCH_JOBS = 32
 # PSI takes logs of proportions: an empty bin counts as this proportion.
 _EPSILON = 1e-4
 
@@ -118,7 +120,7 @@ class _Feature:
             )
             self.expected = expected / max(expected.sum(), 1)
 
-    def stats(self, window: Array) -> FeatureStats:
+    def stats(self, window: Array, with_ks: bool = True) -> FeatureStats:
         kind = "categorical" if self.categorical else "numeric"
         if self.categorical:
             labels = window.astype(str)
@@ -139,9 +141,8 @@ class _Feature:
         actual = np.bincount(
             np.searchsorted(self.edges, numbers, side="right"), minlength=len(self.edges) + 1
         )
-        return FeatureStats(
-            self.input, self.name, kind, _psi(self.expected, actual), _ks(self.sorted, numbers)
-        )
+        ks = _ks(self.sorted, numbers) if with_ks else None
+        return FeatureStats(self.input, self.name, kind, _psi(self.expected, actual), ks)
 
 
 def _psi(expected: Array, actual_counts: Array) -> float:
@@ -161,26 +162,38 @@ def _ks(reference_sorted: Array, window: Array) -> float:
     return float(np.max(np.abs(below_reference - below_window)))
 
 
-def features_of(name: str, values: Array) -> list[tuple[str, Array]]:
-    """The features of a batch of an input's rows (module docstring): (name, one value per
-    row) each. A scalar input has none."""
+def matrix_of(name: str, values: Array) -> tuple[tuple[str, ...], Array] | None:
+    """The features of a batch of an input's rows (module docstring): their names, and a
+    matrix of one row per input row and one column per feature. None for a scalar input, or a
+    higher-rank input of strings (no mean)."""
     if values.ndim == 0:
-        return []
+        return None
     if values.ndim == 1:
-        return [(name, values)]
+        return (name,), values[:, None]
     if values.ndim == 2 and values.shape[1] <= MAX_COLUMNS:
-        return [(f"{name}[{column}]", values[:, column]) for column in range(values.shape[1])]
+        return tuple(f"{name}[{column}]" for column in range(values.shape[1])), values
     if values.dtype.kind in "USO":
-        return []  # no mean of strings
+        return None
     rows = values.reshape(values.shape[0], -1)
-    return [(f"mean({name})", rows.astype(np.float64).mean(axis=1))]
+    return (f"mean({name})",), rows.astype(np.float64).mean(axis=1)[:, None]
+
+
+def features_of(name: str, values: Array) -> list[tuple[str, Array]]:
+    """The features of a batch of an input's rows: (name, one value per row) each."""
+    found = matrix_of(name, values)
+    if found is None:
+        return []
+    names, matrix = found
+    return [(feature, matrix[:, column]) for column, feature in enumerate(names)]
 
 
 class _Window:
-    """The last ``size`` values of one feature (a ring buffer)."""
+    """The last ``size`` rows of one input's features (a ring buffer, a column per feature):
+    one copy per batch of requests, whatever the number of features."""
 
-    def __init__(self, size: int, dtype: np.dtype[Any]) -> None:
-        self.values: Array = np.empty(size, dtype=dtype)
+    def __init__(self, size: int, names: tuple[str, ...], dtype: np.dtype[Any]) -> None:
+        self.names = names
+        self.values: Array = np.empty((size, len(names)), dtype=dtype)
         self.size = size
         self.count = 0
         self.next = 0
@@ -280,6 +293,7 @@ class DriftMonitor:
         self._inputs = [spec.name for spec in metadata.inputs]
         self._reference_dirs = reference_dirs
         self._lock = threading.Lock()
+        self._pending: list[Mapping[str, Array]] = []  # inputs observed, not yet taken
         self._random = (rng or random.Random()).random
         self._looked_for_file = False
         self._source = "pending" if settings.reference_rows else "none"
@@ -289,9 +303,11 @@ class DriftMonitor:
         self._features: dict[str, _Feature] = {}
         self._windows: dict[str, _Window] = {}
         self._since_check = 0
-        # Recomputed every so many rows, so that a window's worth of rows always ends with a
-        # verdict on (nearly) that window, and one row's cost stays small.
-        self._check_every = max(1, settings.window // 20)
+        # Recomputed every quarter window of rows: a window's worth of new rows always ends
+        # with a verdict on mostly those rows, and the cost per row stays small and constant
+        # (benchmarks/monitoring_cost.py). These checks take PSI alone (the verdict); KS,
+        # which sorts the window, is computed when asked (`report`, GET .../monitor).
+        self._check_every = max(1, settings.window // 4)
         self._note: str | None = None
         self.report_cache = DriftReport(
             self._source, 0, settings.window, 0, settings.threshold, note=None
@@ -300,25 +316,37 @@ class DriftMonitor:
     # --- in the worker ------------------------------------------------------------------------
 
     def observe(self, observed: Observed) -> None:
-        """Take the inputs of requests just answered (the model's own inputs only)."""
+        """Take the inputs of requests just answered. They are only queued here; every
+        `BATCH_JOBS` requests, their rows are joined and taken in one go, so that a small
+        model's requests pay a list append each rather than a numpy copy per feature."""
         rate = self.settings.sample_rate
-        batch: dict[str, list[Array]] = {}
-        for inputs, _ in observed:
-            if rate < 1.0 and self._random() >= rate:
-                continue
-            for name in self._inputs:
-                value = inputs.get(name)
-                if value is not None:
-                    batch.setdefault(name, []).append(np.asarray(value))
-        if not batch:
+        pending = self._pending
+        if rate >= 1.0:
+            pending.extend(inputs for inputs, _ in observed)
+        else:
+            pending.extend(inputs for inputs, _ in observed if self._random() < rate)
+        if len(pending) >= BATCH_JOBS:
+            with self._lock:
+                self._flush()
+
+    def _flush(self) -> None:
+        """Take the queued requests' rows (the model's own inputs only). Under the lock."""
+        # A list swapped out while another worker appends to it may lose that one request:
+        # a sample missed, which costs less than a lock per request.
+        pending, self._pending = self._pending, []
+        if not pending:
             return
         joined = {}
-        for name, parts in batch.items():
+        for name in self._inputs:
+            parts = [np.asarray(inputs[name]) for inputs in pending if name in inputs]
+            if not parts:
+                continue
             try:
                 joined[name] = parts[0] if len(parts) == 1 else np.concatenate(parts)
-            except ValueError:  # rows of different shapes: take them one request at a time
-                joined[name] = parts[-1]
-        with self._lock:
+            except ValueError:  # rows of different shapes: take those like the last one's
+                last = parts[-1].shape[1:]
+                joined[name] = np.concatenate([p for p in parts if p.shape[1:] == last])
+        if joined:
             self._take(joined)
 
     def _take(self, inputs: Mapping[str, Array]) -> None:
@@ -330,11 +358,11 @@ class DriftMonitor:
             return
         rows = 0
         for name, values in inputs.items():
-            for feature_name, column in features_of(name, values):
-                window = self._windows.get(feature_name)
-                if window is not None:
-                    window.extend(column)
-                    rows = max(rows, len(column))
+            window = self._windows.get(name)
+            found = None if window is None else matrix_of(name, values)
+            if window is not None and found is not None and found[0] == window.names:
+                window.extend(found[1])
+                rows = max(rows, len(values))
         self._since_check += rows
         if self._since_check >= self._check_every:
             self._check()
@@ -401,12 +429,12 @@ class DriftMonitor:
                     )
                     rows = max(rows, len(column))
         self._features = features
-        self._windows = {
-            feature_name: _Window(self.settings.window, _window_dtype(column))
-            for name, values in reference.items()
-            for feature_name, column in features_of(name, np.asarray(values))
-            if feature_name in features
-        }
+        self._windows = {}
+        for name, values in reference.items():
+            found = matrix_of(name, np.asarray(values))
+            if found is not None and all(feature in features for feature in found[0]):
+                dtype = _window_dtype(found[1])
+                self._windows[name] = _Window(self.settings.window, found[0], dtype)
         self._source = source
         self._reference_rows = rows
         self.report_cache = self._report(checked=False)
@@ -415,10 +443,10 @@ class DriftMonitor:
     def _what(self) -> str:
         return f"{self.name} version {self.version}"
 
-    def _check(self) -> None:
+    def _check(self, with_ks: bool = False) -> None:
         self._since_check = 0
         previous = self.report_cache
-        report = self._report(checked=True)
+        report = self._report(checked=True, with_ks=with_ks)
         if report.drift and not previous.drift:
             report.since = report.checked_at
             worst = report.worst(1)[0]
@@ -436,7 +464,7 @@ class DriftMonitor:
             logger.warning("%s: inputs no longer drifting", self._what)
         self.report_cache = report
 
-    def _report(self, *, checked: bool) -> DriftReport:
+    def _report(self, *, checked: bool, with_ks: bool = False) -> DriftReport:
         window_rows = max((w.count for w in self._windows.values()), default=0)
         report = DriftReport(
             self._source,
@@ -452,8 +480,11 @@ class DriftMonitor:
         if window_rows < min(self.settings.window, MIN_ROWS):
             report.note = report.note or f"waiting for {MIN_ROWS} rows in the window"
             return report
-        for feature_name, feature in self._features.items():
-            report.features.append(feature.stats(self._windows[feature_name].contents()))
+        for window in self._windows.values():
+            contents = window.contents()
+            for column, feature_name in enumerate(window.names):
+                feature = self._features[feature_name]
+                report.features.append(feature.stats(contents[:, column], with_ks))
         threshold = self.settings.threshold
         report.drift = any(s.psi is not None and s.psi > threshold for s in report.features)
         return report
@@ -464,9 +495,10 @@ class DriftMonitor:
         """The statistics over the window as it is now (computed afresh, so call it off the
         event loop); `report_cache` then holds the same."""
         with self._lock:
+            self._flush()
             self._find_reference_file()
             if self._features:
-                self._check()
+                self._check(with_ks=True)
             return self.report_cache
 
     def cached(self) -> DriftReport:

@@ -1,0 +1,129 @@
+"""What watching the models costs: throughput of the small model (the throughput section's
+``mlp``, batch 1, JSON, ``wrk -t2 -c16``) with drift monitoring off, on (the defaults: a window
+of 1,000 rows against the first 1,000), and on with payload samples at the default 1% rate.
+
+    .venv/bin/python -m benchmarks.monitoring_cost [--runs 5] [--seconds 5]
+
+Three server processes run at once; the two not measured are paused (SIGSTOP), and the runs
+are interleaved, round-robin with the order rotated each round, so that the machine's drift
+over time falls on every variant alike. Reported: the median requests/s and p99 of each, and
+each variant's median against the monitoring-off median of the same run. Target (issue 15):
+drift monitoring costs at most 5% of throughput. Results in
+benchmarks/results/monitoring_cost.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+from benchmarks import models, wrk
+from benchmarks.harness import (
+    REPO_ROOT,
+    Deadline,
+    ServerProcess,
+    call,
+    free_port,
+    median,
+    only_running,
+    result_header,
+    start_server,
+    write_json,
+)
+from benchmarks.suite import multiserve_argv
+
+PATH = "/models/mlp/1/predict"
+HEADERS = {"Content-Type": "application/json"}
+VARIANTS = {
+    "off": ("drift monitoring off", ["--drift-window", "0"]),
+    "drift": ("drift monitoring on (defaults)", []),
+    "drift_samples": ("drift on + payload samples at 1%", ["--payload-log-rate", "0.01"]),
+}
+RESULT = REPO_ROOT / "benchmarks" / "results" / "monitoring_cost.json"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=5, help="rounds of every variant")
+    parser.add_argument("--seconds", type=int, default=5, help="length of each wrk run")
+    parser.add_argument("--out", type=Path, default=RESULT)
+    args = parser.parse_args()
+    deadline = Deadline(900)
+    with ExitStack() as stack, tempfile.TemporaryDirectory(prefix="monitoring-cost-") as tmp:
+        root = Path(tmp)
+        models.write_mlp(root / "models" / "mlp" / "1" / "model.onnx")
+        xs = models.inputs(models.MLP_FEATURES)
+        load = wrk.Load(PATH, tuple(models.json_body(x) for x in xs), HEADERS)
+        servers: dict[str, ServerProcess] = {}
+        for key, (_, extra) in VARIANTS.items():
+            port = free_port()
+            argv = multiserve_argv(root / "models", port, "--log-level", "warning", *extra)
+            if key == "drift_samples":
+                argv += ["--payload-log-dir", str(root / "payloads")]
+            server = start_server(key, argv, port, root, "/readyz", deadline)
+            stack.callback(server.stop)
+            servers[key] = server
+        every = list(servers.values())
+        for key, server in servers.items():
+            # Past the reference rows and a full window: the steady state is measured.
+            with only_running(server, every):
+                for i in range(2200):
+                    answer = call(server.port, "POST", PATH, models.json_body(xs[i % 64]), HEADERS)
+                    if answer.status != 200:
+                        raise SystemExit(f"{key}: {answer.status} {answer.body[:200]!r}")
+                wrk.run(server.port, load, duration_s=1, connections=16, threads=2)  # warm-up
+        results: dict[str, list[wrk.WrkResult]] = {key: [] for key in VARIANTS}
+        order = list(VARIANTS)
+        for round_index in range(args.runs):
+            deadline.check("measuring")
+            rotated = order[round_index % len(order) :] + order[: round_index % len(order)]
+            for key in rotated:
+                with only_running(servers[key], every):
+                    results[key].append(
+                        wrk.run(
+                            servers[key].port,
+                            load,
+                            duration_s=args.seconds,
+                            connections=16,
+                            threads=2,
+                        )
+                    )
+        drift = json.loads(call(servers["drift"].port, "GET", "/models/mlp/1/monitor").body)
+    baseline = median([r.requests_per_s for r in results["off"]])
+    figures: dict[str, Any] = {}
+    for key, (label, _) in VARIANTS.items():
+        rps = median([r.requests_per_s for r in results[key]])
+        figures[key] = {
+            "label": label,
+            "requests_per_s_median": round(rps, 1),
+            "p99_ms_median": round(median([r.latency_us["99"] / 1e3 for r in results[key]]), 3),
+            "ratio_to_off": round(rps / baseline, 3),
+            "runs": [r.summary() for r in results[key]],
+        }
+    cost = 1 - figures["drift"]["ratio_to_off"]
+    record = {
+        **result_header("monitoring_cost"),
+        "settings": {"runs": args.runs, "seconds": args.seconds, "wrk": "-t2 -c16", "path": PATH},
+        "figures": figures,
+        "drift_monitor_after_run": drift["monitor"],
+        "target": {
+            "what": "drift monitoring costs at most 5% of throughput",
+            "cost": round(cost, 3),
+            "met": cost <= 0.05,
+        },
+    }
+    write_json(args.out, record)
+    for key, figure in figures.items():
+        print(
+            f"{figure['label']:36s} {figure['requests_per_s_median']:9.1f} req/s  "
+            f"p99 {figure['p99_ms_median']:7.3f} ms  x{figure['ratio_to_off']:.3f}"
+        )
+    print(f"drift monitoring cost: {100 * cost:.1f}% (target <= 5%): written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
