@@ -27,6 +27,7 @@ from benchmarks.harness import (
     Deadline,
     ServerProcess,
     call,
+    display_path,
     free_port,
     median,
     only_running,
@@ -102,9 +103,21 @@ def main() -> None:
             "requests_per_s_median": round(rps, 1),
             "p99_ms_median": round(median([r.latency_us["99"] / 1e3 for r in results[key]]), 3),
             "ratio_to_off": round(rps / baseline, 3),
+            # Each round's ratio to the same round's monitoring-off run, then their median:
+            # less sensitive to the machine's load drifting between rounds.
+            "paired_ratio_median": round(
+                median(
+                    [
+                        r.requests_per_s / off.requests_per_s
+                        for r, off in zip(results[key], results["off"], strict=True)
+                    ]
+                ),
+                3,
+            ),
             "runs": [r.summary() for r in results[key]],
         }
     cost = 1 - figures["drift"]["ratio_to_off"]
+    paired_cost = 1 - figures["drift"]["paired_ratio_median"]
     record = {
         **result_header("monitoring_cost"),
         "settings": {"runs": args.runs, "seconds": args.seconds, "wrk": "-t2 -c16", "path": PATH},
@@ -113,16 +126,21 @@ def main() -> None:
         "target": {
             "what": "drift monitoring costs at most 5% of throughput",
             "cost": round(cost, 3),
-            "met": cost <= 0.05,
+            "paired_cost": round(paired_cost, 3),
+            "met": cost <= 0.05 and paired_cost <= 0.05,
         },
     }
     write_json(args.out, record)
     for key, figure in figures.items():
         print(
             f"{figure['label']:36s} {figure['requests_per_s_median']:9.1f} req/s  "
-            f"p99 {figure['p99_ms_median']:7.3f} ms  x{figure['ratio_to_off']:.3f}"
+            f"p99 {figure['p99_ms_median']:7.3f} ms  x{figure['ratio_to_off']:.3f} "
+            f"(paired x{figure['paired_ratio_median']:.3f})"
         )
-    print(f"drift monitoring cost: {100 * cost:.1f}% (target <= 5%): written to {args.out}")
+    print(
+        f"drift monitoring cost: {100 * cost:.1f}% of the medians, {100 * paired_cost:.1f}% "
+        f"paired (target <= 5%): written to {display_path(args.out)}"
+    )
 
 
 if __name__ == "__main__":
