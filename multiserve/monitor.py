@@ -49,8 +49,10 @@ MAX_COLUMNS = 256
 MAX_CATEGORIES = 64
 # Fewest window rows before a verdict: below it, PSI's sampling noise alone nears 0.2.
 MIN_ROWS = 200
-# Requests queued before their rows are taken in one go (`DriftMonitor.observe`).
+# Requests queued before their rows are taken in one go (`DriftMonitor.observe`), and the
+# longest they wait for it while requests keep coming.
 BATCH_JOBS = 32
+FLUSH_S = 0.5
 # PSI takes logs of proportions: an empty bin counts as this proportion.
 _EPSILON = 1e-4
 
@@ -294,6 +296,7 @@ class DriftMonitor:
         self._reference_dirs = reference_dirs
         self._lock = threading.Lock()
         self._pending: list[Mapping[str, Array]] = []  # inputs observed, not yet taken
+        self._flushed_at = time.monotonic()
         self._random = (rng or random.Random()).random
         self._looked_for_file = False
         self._source = "pending" if settings.reference_rows else "none"
@@ -317,15 +320,18 @@ class DriftMonitor:
 
     def observe(self, observed: Observed) -> None:
         """Take the inputs of requests just answered. They are only queued here; every
-        `BATCH_JOBS` requests, their rows are joined and taken in one go, so that a small
-        model's requests pay a list append each rather than a numpy copy per feature."""
+        `BATCH_JOBS` requests (or `FLUSH_S` seconds), their rows are joined and taken in one
+        go, so that a small model's requests pay a list append each rather than a numpy copy
+        per feature. `report` takes what is queued first."""
         rate = self.settings.sample_rate
         pending = self._pending
         if rate >= 1.0:
             pending.extend(inputs for inputs, _ in observed)
         else:
             pending.extend(inputs for inputs, _ in observed if self._random() < rate)
-        if len(pending) >= BATCH_JOBS:
+        now = time.monotonic()
+        if len(pending) >= BATCH_JOBS or now - self._flushed_at >= FLUSH_S:
+            self._flushed_at = now
             with self._lock:
                 self._flush()
 
@@ -369,6 +375,7 @@ class DriftMonitor:
 
     def _collect(self, inputs: Mapping[str, Array]) -> None:
         wanted = self.settings.reference_rows
+        taken_before = self._collected_rows
         rows = 0
         for name, values in inputs.items():
             if values.ndim == 0:
@@ -386,6 +393,15 @@ class DriftMonitor:
                     continue
             self._collected = {}
             self._set_reference(reference, "first_rows")
+            # The rows of this batch past the reference are the window's first.
+            used = self._collected_rows - taken_before
+            rest = {
+                name: values[used:]
+                for name, values in inputs.items()
+                if values.ndim and len(values) > used
+            }
+            if rest:
+                self._take(rest)
 
     def _find_reference_file(self) -> None:
         if self._looked_for_file:
@@ -500,6 +516,11 @@ class DriftMonitor:
             if self._features:
                 self._check(with_ks=True)
             return self.report_cache
+
+    @property
+    def stale(self) -> bool:
+        """Rows were observed since the statistics were last computed."""
+        return bool(self._pending) or self._since_check > 0
 
     def cached(self) -> DriftReport:
         """The last statistics computed (cheap: for a metrics scrape on the event loop)."""

@@ -178,6 +178,13 @@ class ModelServer:
             self.lifecycle.cache.pin(key)
         self.lifecycle.labels = {n: dict(t) for n, t in self.operator_state.labels.items()}
         self._tasks.append(asyncio.create_task(self.history.run(self.metrics)))
+        self._tasks.append(
+            asyncio.create_task(
+                self.monitoring.refresh_forever(
+                    lambda: [entry.watch for _, entry in self.lifecycle.loaded_entries()]
+                )
+            )
+        )
         # Scanning runs in the background so that probes answer while a large repository is read.
         self._tasks.append(asyncio.create_task(self.discovery.run()))
         if self.discovery.watching:

@@ -4,10 +4,12 @@ version's dispatcher: called in its worker thread(s) with the requests just answ
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
+from multiserve.concurrency import run_sync
 from multiserve.monitor import DriftMonitor, DriftSettings, Observed
 from multiserve.samples import PayloadLog
 from multiserve.types import ModelMetadata
@@ -60,6 +62,23 @@ class Monitoring:
         if drift is None and self.payload_log is None:
             return None
         return VersionWatch(name, version, drift, self.payload_log)
+
+    async def refresh_forever(
+        self, watches: Callable[[], Iterable[VersionWatch | None]], interval_s: float = 1.0
+    ) -> None:
+        """Bring the drift statistics of versions whose traffic stopped up to date (in a worker
+        thread): the workers compute them only as requests come (`DriftMonitor.observe`), and
+        the metrics and the dashboard read the last ones computed."""
+        while True:
+            await asyncio.sleep(interval_s)
+            for watch in list(watches()):
+                if watch is not None and watch.drift is not None and watch.drift.stale:
+                    try:
+                        await run_sync(watch.drift.report)
+                    except Exception:
+                        logger.exception(
+                            "%s version %d: drift statistics failed", watch.name, watch.version
+                        )
 
     def close(self) -> None:
         if self.payload_log is not None:

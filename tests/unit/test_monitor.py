@@ -169,3 +169,25 @@ def test_inputs_the_model_does_not_declare_are_ignored() -> None:
         monitor.observe([({"x": _normal(rng, 10), "evil{label}": np.zeros((10, 2))}, {})])
     report = monitor.report()
     assert {s.input for s in report.features} == {"x"}
+
+
+def test_rows_past_the_reference_in_the_same_batch_start_the_window() -> None:
+    monitor = _monitor(reference_rows=100)
+    rows = _normal(np.random.default_rng(9), 400)
+    monitor.observe([({"x": rows[:250]}, {}), ({"x": rows[250:]}, {})])
+    report = monitor.report()
+    assert report.reference_rows == 100
+    assert report.window_rows == 300
+
+
+def test_queued_requests_are_taken_after_a_while_without_being_asked() -> None:
+    monitor = _monitor(reference_rows=10)
+    rows = _normal(np.random.default_rng(10), 20)
+    monitor.observe([({"x": rows[:5]}, {})])  # queued: fewer than BATCH_JOBS requests
+    assert monitor.cached().reference_rows == 0
+    monitor._flushed_at -= 1.0  # as if FLUSH_S had passed
+    monitor.observe([({"x": rows[5:]}, {})])
+    assert monitor.cached().reference_source == "first_rows"
+    assert monitor.stale  # the window's 10 rows are in, not yet checked
+    assert monitor.report().window_rows == 10
+    assert not monitor.stale
