@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 from contextlib import ExitStack
 from pathlib import Path
@@ -45,6 +46,12 @@ VARIANTS = {
     "drift_samples": ("drift on + payload samples at 1%", ["--payload-log-rate", "0.01"]),
 }
 RESULT = REPO_ROOT / "benchmarks" / "results" / "monitoring_cost.json"
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process so far (/proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def observe_cost_us(requests: int = 50_000) -> float:
@@ -105,23 +112,29 @@ def main() -> None:
                         raise SystemExit(f"{key}: {answer.status} {answer.body[:200]!r}")
                 wrk.run(server.port, load, duration_s=1, connections=16, threads=2)  # warm-up
         results: dict[str, list[wrk.WrkResult]] = {key: [] for key in VARIANTS}
+        # The server's CPU time per request: what other tenants of a shared machine move much
+        # less than they move throughput.
+        cpu_us: dict[str, list[float]] = {key: [] for key in VARIANTS}
         order = list(VARIANTS)
         for round_index in range(args.runs):
             deadline.check("measuring")
             rotated = order[round_index % len(order) :] + order[: round_index % len(order)]
             for key in rotated:
                 with only_running(servers[key], every):
-                    results[key].append(
-                        wrk.run(
-                            servers[key].port,
-                            load,
-                            duration_s=args.seconds,
-                            connections=16,
-                            threads=2,
-                        )
+                    before = cpu_seconds(servers[key].pid)
+                    result = wrk.run(
+                        servers[key].port,
+                        load,
+                        duration_s=args.seconds,
+                        connections=16,
+                        threads=2,
                     )
+                    spent = cpu_seconds(servers[key].pid) - before
+                    results[key].append(result)
+                    cpu_us[key].append(spent / max(result.requests, 1) * 1e6)
         drift = json.loads(call(servers["drift"].port, "GET", "/models/mlp/1/monitor").body)
     baseline = median([r.requests_per_s for r in results["off"]])
+    cpu_baseline = median(cpu_us["off"])
     figures: dict[str, Any] = {}
     for key, (label, _) in VARIANTS.items():
         rps = median([r.requests_per_s for r in results[key]])
@@ -129,6 +142,9 @@ def main() -> None:
             "label": label,
             "requests_per_s_median": round(rps, 1),
             "p99_ms_median": round(median([r.latency_us["99"] / 1e3 for r in results[key]]), 3),
+            "server_cpu_us_per_request_median": round(median(cpu_us[key]), 2),
+            "cpu_ratio_to_off": round(median(cpu_us[key]) / cpu_baseline, 3),
+            "server_cpu_us_per_request": [round(v, 2) for v in cpu_us[key]],
             "ratio_to_off": round(rps / baseline, 3),
             # Each round's ratio to the same round's monitoring-off run, then their median:
             # less sensitive to the machine's load drifting between rounds.
@@ -169,7 +185,9 @@ def main() -> None:
         print(
             f"{figure['label']:36s} {figure['requests_per_s_median']:9.1f} req/s  "
             f"p99 {figure['p99_ms_median']:7.3f} ms  x{figure['ratio_to_off']:.3f} "
-            f"(paired x{figure['paired_ratio_median']:.3f})"
+            f"(paired x{figure['paired_ratio_median']:.3f})  "
+            f"CPU {figure['server_cpu_us_per_request_median']:6.1f} us/request "
+            f"x{figure['cpu_ratio_to_off']:.3f}"
         )
     print(
         f"in process: {observe_us:.2f} us per request observed, "
