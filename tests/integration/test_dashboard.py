@@ -144,3 +144,49 @@ def test_dashboard_is_served_at_the_root_too(start_server: StartServer, tmp_path
         assert client.post("/dashboard").status_code == 405
         status = client.get("/status")
         assert ADMIN_TOKEN not in status.text
+
+
+def test_dashboard_works_behind_a_path_prefix(
+    browser: object, start_server: StartServer, tmp_path: Path
+) -> None:
+    """A reverse proxy serves the server under /team-a/ (and strips the prefix): the page's
+    relative URLs reach /team-a/status, through the proxy, not the proxy's own /status."""
+    import socket
+    import threading
+
+    import uvicorn
+    from selenium.webdriver.remote.webdriver import WebDriver
+    from starlette.types import Receive, Scope, Send
+
+    assert isinstance(browser, WebDriver)
+    write_mlp_onnx(tmp_path / "models" / "mlp" / "1" / "model.onnx", seed=1)
+    server = start_server(tmp_path / "models")
+    seen: list[str] = []
+
+    async def proxy(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            seen.append(scope["path"])
+            if not scope["path"].startswith("/team-a/"):
+                await send({"type": "http.response.start", "status": 404, "headers": []})
+                await send({"type": "http.response.body", "body": b"not behind the prefix"})
+                return
+            path = scope["path"].removeprefix("/team-a")
+            scope = {**scope, "path": path, "raw_path": path.encode()}
+        await server.app(scope, receive, send)
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    proxy_server = uvicorn.Server(uvicorn.Config(proxy, lifespan="off", log_config=None))
+    thread = threading.Thread(target=proxy_server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: proxy_server.started, 10, "the proxy")
+        browser.get(f"http://127.0.0.1:{sock.getsockname()[1]}/team-a/dashboard")
+        loaded = "return document.body.dataset.loaded === 'true';"
+        wait_for(lambda: bool(browser.execute_script(loaded)), 15, "the page's first refresh")
+        assert "/team-a/status" in seen
+        assert "/status" not in seen
+    finally:
+        proxy_server.should_exit = True
+        thread.join(10)
+        sock.close()
