@@ -38,6 +38,9 @@ Finish = Callable[[Outputs], T]
 # how to turn the model's outputs into the answer.
 Prepare = Callable[[], tuple[Inputs, Finish[T]]]
 Predict = Callable[[Inputs], Outputs]
+# Told of the requests a worker answered (each one's inputs and outputs), in the worker, after
+# their answers were handed back: drift statistics and payload samples (`multiserve.watch`).
+Observe = Callable[[Sequence[tuple[Inputs, Outputs]]], None]
 
 # Jobs one worker takes per wake-up: enough to drain a busy queue, few enough that the first
 # job's answer is not held back long by the last one's inference.
@@ -62,7 +65,8 @@ class Dispatcher:
     ``predict`` runs the model and raises `PredictionFailed` for an error inside it. With
     ``max_batch_size`` > 1, the inputs of jobs taken together are concatenated along their
     first dimension, up to that many rows per call, and the outputs split back; a batch whose
-    call fails is retried one job at a time, so a bad request fails only itself.
+    call fails is retried one job at a time, so a bad request fails only itself. ``observe``,
+    if given, is told of the jobs that succeeded once their answers are on their way.
     """
 
     def __init__(
@@ -73,6 +77,7 @@ class Dispatcher:
         max_batch_size: int = 1,
         threads: int = 1,
         loop: asyncio.AbstractEventLoop | None = None,
+        observe: Observe | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
@@ -81,6 +86,7 @@ class Dispatcher:
         self.name = name
         self.max_batch_size = max_batch_size
         self._predict = predict
+        self.observe = observe
         self._loop = loop if loop is not None else asyncio.get_running_loop()
         self._queue: queue.SimpleQueue[_Job[Any] | None] = queue.SimpleQueue()
         self._threads = [
@@ -157,6 +163,7 @@ class Dispatcher:
         inputs_of = [inputs for _, inputs, _ in prepared]
         shapes = [_signature(inputs) for inputs in inputs_of]
         flushed = time.perf_counter()
+        observed: list[tuple[Inputs, Outputs]] = []
         start = 0
         while start < len(prepared):
             end = _batch_end(shapes, start, self.max_batch_size)
@@ -169,18 +176,25 @@ class Dispatcher:
                     results.append((job, finish(answer), None))
                 except Exception as exc:
                     results.append((job, None, exc))
+            if self.observe is not None:
+                observed.extend(
+                    (inputs, answer)
+                    for inputs, answer in zip(inputs_of[start:end], answers, strict=True)
+                    if not isinstance(answer, BaseException)
+                )
             start = end
             now = time.perf_counter()
             if now - flushed >= FLUSH_S and start < len(prepared):
                 if not self._hand_back(results):
                     return False
                 results, flushed = [], now
-        return self._hand_back(results)
+        return self._hand_back(results) and self._observe(observed)
 
     def _run_each(self, batch: list[_Job[Any]]) -> bool:
         """`_run` without batching: each job decoded, run and encoded in turn."""
         predict = self._predict
         results: list[_Result] = []
+        observed: list[tuple[Inputs, Outputs]] | None = None if self.observe is None else []
         flushed = time.perf_counter()
         last = len(batch) - 1
         for index, job in enumerate(batch):
@@ -189,7 +203,10 @@ class Dispatcher:
                 continue
             try:
                 inputs, finish = job.prepare()
-                results.append((job, finish(predict(inputs)), None))
+                outputs = predict(inputs)
+                results.append((job, finish(outputs), None))
+                if observed is not None:
+                    observed.append((inputs, outputs))
             except Exception as exc:
                 results.append((job, None, exc))
             if index < last:
@@ -198,7 +215,15 @@ class Dispatcher:
                     if not self._hand_back(results):
                         return False
                     results, flushed = [], now
-        return self._hand_back(results)
+        return self._hand_back(results) and self._observe(observed)
+
+    def _observe(self, observed: list[tuple[Inputs, Outputs]] | None) -> bool:
+        if observed and self.observe is not None:
+            try:
+                self.observe(observed)
+            except Exception:  # monitoring must never stop a model's worker
+                logger.exception("%s: observing answered requests failed", self.name)
+        return True
 
     def _hand_back(self, results: list[_Result]) -> bool:
         if not results:

@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Protocol, TypeVar
 
@@ -47,6 +48,7 @@ from multiserve.memory import MemoryCost, MemoryMeter
 from multiserve.optimize import Optimizer
 from multiserve.policy import VersionState
 from multiserve.types import Describable, LoadContext, Model, PayloadModel
+from multiserve.watch import Monitoring, VersionWatch
 
 __all__ = [
     "WARMUP_JSON",
@@ -78,6 +80,12 @@ class LoadedEntry:
     retiring: bool = False  # out of the cache; closes when in_flight reaches zero
     closed: bool = False
     memory: MemoryCost | None = None  # how memory_bytes was obtained
+
+    @property
+    def watch(self) -> VersionWatch | None:
+        """Its drift monitor and payload sampling, if either is on."""
+        observe = self.dispatcher.observe
+        return observe if isinstance(observe, VersionWatch) else None
 
 
 class LifecycleObserver(Protocol):
@@ -181,6 +189,8 @@ class Lifecycle:
         self.load_failures = 0
         self.evictions = 0
         self.swaps = 0
+        # Drift monitoring and payload samples; the server sets it from its settings.
+        self.monitoring: Monitoring | None = None
 
     # --- discovery ------------------------------------------------------------------------
 
@@ -500,7 +510,19 @@ class Lifecycle:
             predictor(record, model, self.observer),
             max_batch_size=batch,
             threads=threads,
+            observe=self.watch(record, model),
         )
+
+    def watch(self, record: VersionRecord, model: Model) -> VersionWatch | None:
+        """What watches a tensor model's requests (drift, payload samples), if anything."""
+        if self.monitoring is None:
+            return None
+        source = self.source
+
+        def reference_dirs() -> list[Path]:  # in a worker thread: materialize may block
+            return [source.materialize(record), record.path.parent]
+
+        return self.monitoring.watch(record.name, record.version, model.metadata, reference_dirs)
 
     def _victims(self, key: Key, nbytes: int, what: str) -> list[Key]:
         try:

@@ -49,6 +49,7 @@ _LATENCY_BUCKETS = (
     10.0,
     30.0,
 )
+LATENCY_BUCKETS = _LATENCY_BUCKETS
 _LOAD_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 # Routes whose requests are predictions, and so carry a model label.
 _PREDICTION_ROUTES = frozenset(
@@ -188,6 +189,13 @@ class Metrics:
                 of(model, version).execution_seconds += record[-1]
         return found
 
+    def prediction_records(self) -> list[tuple[int, str, list[float]]]:
+        """(status, model, latency record) of every prediction request counted so far, over
+        both protocols, by known model (a copy: for `multiserve.status`)."""
+        found = [(k[2], k[3], list(r)) for k, r in list(self._requests.items()) if k[3]]
+        found += [(k[2], k[3], list(r)) for k, r in list(self._rpcs.items()) if k[3]]
+        return found
+
     def watch(self, server: ModelServer) -> None:
         """Report the server's cache and catalog at each scrape, and label predictions only by
         the models in its catalog."""
@@ -240,7 +248,7 @@ class _ServerCollector(Collector):
     def __init__(self, server: ModelServer) -> None:
         self.server = server
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[Metric]:
         lifecycle = self.server.lifecycle
         cache = lifecycle.cache
         yield _gauge("multiserve_cache_models", "Model versions loaded now.", len(cache))
@@ -267,6 +275,48 @@ class _ServerCollector(Collector):
             "1 while the repository cannot be read; loaded models keep serving.",
             int(self.server.degraded_reason is not None),
         )
+        yield from _drift_families(self.server)
+        payload_log = self.server.monitoring.payload_log
+        if payload_log is not None:
+            samples = CounterMetricFamily(
+                "multiserve_payload_samples",
+                "Payload samples by outcome: written, or dropped (the directory full or "
+                "unwritable, or the writer behind).",
+                labels=("outcome",),
+            )
+            samples.add_metric(("written",), payload_log.written)
+            samples.add_metric(("dropped",), payload_log.dropped)
+            yield samples
+
+
+def _drift_families(server: ModelServer) -> Iterator[GaugeMetricFamily]:
+    """Input drift of the loaded versions, as last computed by their monitors. Label values
+    are the catalog's model names and the models' own input names only."""
+    score = GaugeMetricFamily(
+        "multiserve_input_drift_score",
+        "Largest population stability index among an input's features, over the drift window.",
+        labels=("model", "version", "input"),
+    )
+    drifting = GaugeMetricFamily(
+        "multiserve_input_drift",
+        "1 when any input feature's PSI is above drift_threshold.",
+        labels=("model", "version"),
+    )
+    catalog = server.lifecycle.catalog
+    for (name, version), entry in server.lifecycle.loaded_entries():
+        watch = entry.watch
+        if watch is None or watch.drift is None or name not in catalog.models:
+            continue
+        report = watch.drift.cached()
+        if report.checked_at is None or not report.features:
+            continue
+        known = {spec.name for spec in entry.model.metadata.inputs}
+        for input_name, worst in sorted(report.worst_by_input().items()):
+            if input_name in known and worst.psi is not None:
+                score.add_metric((name, str(version), input_name), worst.psi)
+        drifting.add_metric((name, str(version)), int(report.drift))
+    yield score
+    yield drifting
 
 
 # The "le" label of each bucket, as prometheus_client writes it.

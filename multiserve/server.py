@@ -28,14 +28,18 @@ from multiserve.errors import (
 from multiserve.lifecycle import Lifecycle, LoadedEntry
 from multiserve.memory import map_large_blocks
 from multiserve.metrics import Metrics
+from multiserve.monitor import DriftSettings
 from multiserve.optimize import Optimizer
 from multiserve.pipelines import load_context
 from multiserve.repository.bucket import BucketOptions, BucketRepository, is_bucket_url
 from multiserve.repository.disk_cache import DiskCache
 from multiserve.repository.layout import is_valid_name, parse_version
 from multiserve.repository.local import LocalRepository
+from multiserve.samples import PayloadLog, SampleSettings
 from multiserve.settings import Settings
 from multiserve.state import OperatorState, StateStore
+from multiserve.status import History, Observers
+from multiserve.watch import Monitoring
 
 logger = logging.getLogger("multiserve.server")
 
@@ -78,6 +82,8 @@ class ModelServer:
             )
             default_state = root / ".multiserve"
         self.metrics = Metrics()
+        # Per-model traffic and lifecycle events over the last minutes, for GET /status.
+        self.history = History()
         self.lifecycle = Lifecycle(
             self.registry,
             default_device=settings.device,
@@ -88,7 +94,7 @@ class ModelServer:
             rescan=self._request_scan,
             version_policy=settings.version_policy,
             warmup=settings.warmup,
-            observer=self.metrics,
+            observer=Observers(self.metrics, self.history),
             source=self.repository,
             load_threads=settings.load_threads,
             inference_threads=settings.inference_threads,
@@ -101,6 +107,8 @@ class ModelServer:
                 settings.optimize_timeout_s,
             ),
         )
+        self.monitoring = _monitoring(settings)
+        self.lifecycle.monitoring = self.monitoring
         self.metrics.watch(self)
         state_dir = Path(settings.state_dir).expanduser() if settings.state_dir else default_state
         self.store = StateStore(state_dir)
@@ -169,6 +177,14 @@ class ModelServer:
         for key in self.operator_state.pins:
             self.lifecycle.cache.pin(key)
         self.lifecycle.labels = {n: dict(t) for n, t in self.operator_state.labels.items()}
+        self._tasks.append(asyncio.create_task(self.history.run(self.metrics)))
+        self._tasks.append(
+            asyncio.create_task(
+                self.monitoring.refresh_forever(
+                    lambda: [entry.watch for _, entry in self.lifecycle.loaded_entries()]
+                )
+            )
+        )
         # Scanning runs in the background so that probes answer while a large repository is read.
         self._tasks.append(asyncio.create_task(self.discovery.run()))
         if self.discovery.watching:
@@ -264,6 +280,7 @@ class ModelServer:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.lifecycle.close_all()
+        await run_sync(self.monitoring.close)
 
     # --- operator actions -----------------------------------------------------------------
 
@@ -335,6 +352,27 @@ class ModelServer:
                 f"could not save the operator state to {self.store.path}: {exc}; nothing changed"
             ) from exc
         self.operator_state = state
+
+
+def _monitoring(settings: Settings) -> Monitoring:
+    drift = DriftSettings(
+        window=settings.drift_window,
+        reference_rows=settings.drift_reference_rows,
+        threshold=settings.drift_threshold,
+        sample_rate=settings.drift_sample_rate,
+    )
+    payload_log = None
+    if settings.payload_log_dir:
+        payload_log = PayloadLog(
+            SampleSettings(
+                Path(settings.payload_log_dir).expanduser(),
+                rate=settings.payload_log_rate,
+                shapes_only=settings.payload_log_shapes_only,
+                file_bytes=settings.payload_log_file_bytes,
+                max_bytes=settings.payload_log_max_bytes,
+            )
+        )
+    return Monitoring(drift, payload_log)
 
 
 def _slug(url: str) -> str:

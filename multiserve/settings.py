@@ -105,6 +105,16 @@ def _bool(value: object) -> bool:
     raise ValueError("expected true or false")
 
 
+def _fraction(value: object) -> float:
+    try:
+        number = float(str(value)) if not isinstance(value, int | float) else float(value)
+    except ValueError:
+        raise ValueError("expected a fraction from 0 to 1") from None
+    if isinstance(value, bool) or not 0.0 <= number <= 1.0:
+        raise ValueError("expected a fraction from 0 to 1")
+    return number
+
+
 def _text(value: object) -> str:
     if not isinstance(value, str):
         raise ValueError("expected a string")
@@ -291,6 +301,53 @@ class Settings:
     )
     shutdown_timeout_s: float = _setting(
         30.0, _positive_float, "Seconds to let running requests finish on SIGTERM."
+    )
+    drift_window: int = _setting(
+        1000,
+        _int_in(0, 1_000_000),
+        "Input drift: the statistics of each loaded version's inputs are taken over a sliding "
+        "window of its last this many rows, against its reference. 0: drift monitoring off.",
+    )
+    drift_reference_rows: int = _setting(
+        1000,
+        _int_in(0, 10_000_000),
+        "Input drift: a version without a reference.npz (in its directory, or its model's) "
+        "takes the first this many rows it serves as its reference. 0: only reference.npz.",
+    )
+    drift_threshold: float = _setting(
+        0.2,
+        _positive_float,
+        "Input drift: a version is drifting when any feature's population stability index "
+        "(PSI) is above this (0.1: a moderate shift, 0.2: a significant one).",
+    )
+    drift_sample_rate: float = _setting(
+        1.0,
+        _fraction,
+        "Input drift: the fraction of requests whose rows the statistics take (1: all).",
+    )
+    payload_log_dir: str = _setting(
+        "",
+        _text,
+        "Payload samples: where sampled requests and their answers are written as JSON Lines "
+        "(payloads.jsonl, rotated). Empty: no payload samples.",
+    )
+    payload_log_rate: float = _setting(
+        0.01, _fraction, "Payload samples: the fraction of requests logged (from 0 to 1)."
+    )
+    payload_log_shapes_only: bool = _setting(
+        False,
+        _bool,
+        "Payload samples: log each tensor's dtype and shape but not its values.",
+    )
+    payload_log_file_bytes: int = _setting(
+        16 * 1024**2,
+        parse_size,
+        "Payload samples: payloads.jsonl is rotated past this size (e.g. '64MiB').",
+    )
+    payload_log_max_bytes: int = _setting(
+        256 * 1024**2,
+        parse_size,
+        "Payload samples: bound on all the files together; the oldest are deleted first.",
     )
 
     @classmethod

@@ -17,10 +17,9 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 from grpc import aio
-from tritonclient.grpc import model_config_pb2 as config_pb
 from tritonclient.grpc import service_pb2 as pb
 
-from multiserve import __version__, protocol
+from multiserve import __version__, extensions, protocol
 from multiserve.auth import require_admin
 from multiserve.catalog import LATEST, VersionRecord
 from multiserve.concurrency import run_sync
@@ -143,71 +142,11 @@ class InferenceService:
         )
 
     async def model_config(self, request: Any, context: Context) -> Any:
-        """Triton's model configuration, as far as multiserve has one: the tensors, the
-        platform and backend, the version policy and dynamic batching. A model that batches
-        has ``max_batch_size`` > 0 and dims without the batch dimension, as in Triton."""
-        server = self.server
-        described = await protocol.describe_model(server, request.name, request.version or LATEST)
-        record = server.lifecycle.catalog.model(request.name).versions[described.version]
-        batch = record.max_batch_size or server.settings.max_batch_size
-        skip = 1 if batch > 1 else 0
-        policy = record.version_policy or server.settings.version_policy
-        config = config_pb.ModelConfig(
-            name=described.name,
-            platform=described.platform,
-            backend=record.backend or "",
-            max_batch_size=batch if batch > 1 else 0,
-            input=[
-                config_pb.ModelInput(name=t.name, data_type=_type(t), dims=t.shape[skip:])
-                for t in described.inputs
-            ],
-            output=[
-                config_pb.ModelOutput(name=t.name, data_type=_type(t), dims=t.shape[skip:])
-                for t in described.outputs
-            ],
-        )
-        if policy == "all":
-            config.version_policy.all.SetInParent()
-        else:
-            config.version_policy.latest.num_versions = 1
-        if batch > 1:
-            config.dynamic_batching.SetInParent()
+        config = await extensions.model_config(self.server, request.name, request.version)
         return pb.ModelConfigResponse(config=config)
 
     async def model_statistics(self, request: Any, context: Context) -> Any:
-        """Per version: successful and failed inference requests (both protocols) with their
-        time, and the model's executions (``compute_infer``), from the metrics; an empty name
-        means every model."""
-        server = self.server
-        await server.wait_scanned()
-        lifecycle = server.lifecycle
-        if request.name:
-            if request.version:
-                records = lifecycle.resolve(request.name, request.version)[:1]
-            else:
-                records = list(lifecycle.catalog.model(request.name).descending())
-        else:
-            records = lifecycle.catalog.records()
-        found = server.metrics.model_statistics()
-        response = pb.ModelStatisticsResponse()
-        for record in records:
-            stats = found.get((record.name, str(record.version)))
-            entry = response.model_stats.add(name=record.name, version=str(record.version))
-            loaded = lifecycle.cache.peek(record.key)
-            if loaded is not None:
-                entry.last_inference = int(loaded.last_used * 1000)
-            if stats is None:
-                continue
-            entry.inference_count = int(stats.successes)
-            entry.execution_count = int(stats.executions)
-            inference = entry.inference_stats
-            inference.success.count = int(stats.successes)
-            inference.success.ns = int(stats.success_seconds * 1e9)
-            inference.fail.count = int(stats.failures)
-            inference.fail.ns = int(stats.failure_seconds * 1e9)
-            inference.compute_infer.count = int(stats.executions)
-            inference.compute_infer.ns = int(stats.execution_seconds * 1e9)
-        return response
+        return await extensions.model_statistics(self.server, request.name, request.version)
 
     # --- the model repository extension (admin token required) -----------------------------
 
@@ -367,9 +306,3 @@ def _tensor_metadata(tensor: protocol.TensorDescription) -> Any:
     return pb.ModelMetadataResponse.TensorMetadata(
         name=tensor.name, datatype=tensor.datatype, shape=tensor.shape
     )
-
-
-def _type(tensor: protocol.TensorDescription) -> int:
-    name = "TYPE_STRING" if tensor.datatype == "BYTES" else f"TYPE_{tensor.datatype}"
-    value: int = config_pb.DataType.Value(name)
-    return value

@@ -7,7 +7,7 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 
 from multiserve.grpc import GrpcServer
-from multiserve.http import admin, v2
+from multiserve.http import admin, monitoring, v2
 from multiserve.http.errors import HANDLERS
 from multiserve.http.predict import PredictRoutes
 from multiserve.http.routes import ROUTES
@@ -34,7 +34,7 @@ def create_app(server: ModelServer) -> PredictRoutes:
             await server.stop()
 
     app = Starlette(
-        routes=[*ROUTES, *admin.ROUTES, *v2.ROUTES],
+        routes=[*ROUTES, *admin.ROUTES, *v2.ROUTES, *monitoring.ROUTES],
         exception_handlers=dict(HANDLERS),
         middleware=[Middleware(MetricsMiddleware, metrics=server.metrics)],
         lifespan=lifespan,

@@ -388,6 +388,80 @@ def _without_version(operation: dict[str, Any]) -> dict[str, Any]:
     return {**operation, "parameters": params}
 
 
+def _monitoring_paths() -> dict[str, Any]:
+    """The dashboard, its status document, drift, and Triton's configuration and statistics."""
+    html = {
+        "200": {
+            "description": "The dashboard: one self-contained page that polls /status.",
+            "content": {"text/html": {"schema": {"type": "string"}}},
+        }
+    }
+    return {
+        "/": {"get": _operation("The dashboard.", html, tags=("monitoring",))},
+        "/dashboard": {"get": _operation("The dashboard.", html, tags=("monitoring",))},
+        "/status": {
+            "get": _operation(
+                "Models, versions, states, pins, labels, the cache against its budgets, "
+                "per-model traffic over the last minutes, recent events, drift, and the "
+                "repository's health (what the dashboard shows).",
+                ok_json(
+                    {
+                        "type": "object",
+                        "required": ["server", "repository", "cache", "models", "traffic"],
+                    },
+                    "The status.",
+                ),
+                tags=("monitoring",),
+            )
+        },
+        "/models/{name}/{version}/monitor": {
+            "get": _operation(
+                "A version's input drift: reference, window, PSI and KS per input feature, "
+                "the worst features, and whether it is drifting (null when not loaded).",
+                {
+                    "200": _json(
+                        {"type": "object", "required": ["name", "version", "monitor"]},
+                        "The version's drift statistics.",
+                    ),
+                    **_errors(404, 503),
+                },
+                params=("name", "version"),
+                tags=("monitoring",),
+            )
+        },
+        "/v2/models/stats": {
+            "get": _operation(
+                "Inference statistics of every model (Triton's statistics extension).",
+                ok_json({"type": "object", "required": ["model_stats"]}, "The statistics."),
+                tags=("v2",),
+            )
+        },
+        "/v2/models/{name}/versions/{version}/config": {
+            "get": _operation(
+                "The model's configuration (Triton's model configuration extension; loads "
+                "the version if needed).",
+                {
+                    "200": _json({"type": "object", "required": ["name"]}, "The configuration."),
+                    **_errors(404, 503, 507, v2=True),
+                },
+                params=("name", "version"),
+                tags=("v2",),
+            )
+        },
+        "/v2/models/{name}/versions/{version}/stats": {
+            "get": _operation(
+                "Inference statistics of a version (Triton's statistics extension).",
+                {
+                    "200": _json({"type": "object", "required": ["model_stats"]}, "Statistics."),
+                    **_errors(404, 503, v2=True),
+                },
+                params=("name", "version"),
+                tags=("v2",),
+            )
+        },
+    }
+
+
 def build() -> dict[str, Any]:
     """The whole document."""
     admin_version = ("name", "version")
@@ -648,7 +722,8 @@ def build() -> dict[str, Any]:
             )
         },
     }
-    versioned = ("/v2/models/{name}/versions/{version}", "/ready", "/infer")
+    paths.update(_monitoring_paths())
+    versioned = ("/v2/models/{name}/versions/{version}", "/ready", "/infer", "/config", "/stats")
     paths["/v2/models/{name}"] = {"get": _without_version(paths[versioned[0]]["get"])}
     for suffix in versioned[1:]:
         for method, operation in paths[versioned[0] + suffix].items():

@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from multiserve import __version__, codecs, protocol
+from multiserve import __version__, codecs, extensions, protocol
 from multiserve.batching import Finish, Inputs, Prepare
 from multiserve.catalog import LATEST, VersionRecord
 from multiserve.errors import (
@@ -63,7 +63,12 @@ async def server_metadata(request: Request) -> Response:
         {
             "name": protocol.SERVER_NAME,
             "version": __version__,
-            "extensions": ["binary_tensor_data", "model_repository"],
+            "extensions": [
+                "binary_tensor_data",
+                "model_repository",
+                "model_configuration",
+                "statistics",
+            ],
         }
     )
 
@@ -273,6 +278,29 @@ def _encode_response(
     return header + b"".join(chunks), len(header)
 
 
+# --- the model configuration and statistics extensions ------------------------------------
+
+
+@v2_errors
+async def model_config(request: Request) -> Response:
+    config = await extensions.model_config(
+        _server(request), request.path_params["name"], request.path_params.get("version", "")
+    )
+    return ORJSONResponse(extensions.to_json(config))
+
+
+@v2_errors
+async def model_statistics(request: Request) -> Response:
+    """Triton's statistics: of one version, of every version of a model, or of every model
+    (``/v2/models/stats``)."""
+    response = await extensions.model_statistics(
+        _server(request),
+        request.path_params.get("name", ""),
+        request.path_params.get("version", ""),
+    )
+    return ORJSONResponse(extensions.to_json(response))
+
+
 # --- the model repository extension (admin token required) ---------------------------------
 
 
@@ -313,6 +341,12 @@ async def repository_unload(request: Request) -> Response:
 
 ROUTES = [
     Route("/v2", server_metadata, methods=["GET"]),
+    # Before /v2/models/{name}, which would take "stats" for a model's name.
+    Route("/v2/models/stats", model_statistics, methods=["GET"]),
+    Route("/v2/models/{name}/config", model_config, methods=["GET"]),
+    Route("/v2/models/{name}/stats", model_statistics, methods=["GET"]),
+    Route("/v2/models/{name}/versions/{version}/config", model_config, methods=["GET"]),
+    Route("/v2/models/{name}/versions/{version}/stats", model_statistics, methods=["GET"]),
     Route("/v2/health/live", live, methods=["GET"]),
     Route("/v2/health/ready", ready, methods=["GET"]),
     Route("/v2/models/{name}", model_metadata, methods=["GET"]),

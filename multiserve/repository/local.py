@@ -200,8 +200,11 @@ class LocalRepository:
             relative = os.path.relpath(path, root)
             return relative == "." or not relative.startswith(".")
 
+        # watchfiles types stop_event as the events of the async libraries installed (trio's
+        # too, with selenium in the dev tools); it only calls is_set(), as a threading.Event has.
+        stop_event: Any = stop
         async for changes in awatch(
-            root, watch_filter=relevant, stop_event=stop, debounce=50, step=20
+            root, watch_filter=relevant, stop_event=stop_event, debounce=50, step=20
         ):
             yield
             if any(path == root and change == Change.deleted for change, path in changes):

@@ -33,10 +33,10 @@ def test_document_is_valid_openapi_and_served(client: httpx.Client) -> None:
 def test_every_route_is_documented(client: httpx.Client) -> None:
     from starlette.routing import Route
 
-    from multiserve.http import admin, routes, v2
+    from multiserve.http import admin, monitoring, routes, v2
 
     documented = build()["paths"]
-    for route in [*routes.ROUTES, *admin.ROUTES, *v2.ROUTES]:
+    for route in [*routes.ROUTES, *admin.ROUTES, *v2.ROUTES, *monitoring.ROUTES]:
         assert isinstance(route, Route)
         assert route.path in documented, route.path
         methods = {m.lower() for m in route.methods or ()} - {"head"}
