@@ -19,6 +19,11 @@ class CacheFull(Exception):
     """Admitting the item would break a bound that evicting every unpinned item cannot restore."""
 
 
+class CacheBusy(CacheFull):
+    """Admitting the item needs room that protected items hold: it fits once they are no
+    longer protected (soon: see `ModelCache.protect`)."""
+
+
 @dataclass(slots=True)
 class _Slot(Generic[V]):
     value: V
@@ -35,6 +40,7 @@ class ModelCache(Generic[K, V]):
         self.max_bytes = max_bytes
         self._slots: OrderedDict[K, _Slot[V]] = OrderedDict()
         self._pins: set[K] = set()
+        self._protected: set[K] = set()
         self.hits = 0
         self.misses = 0
 
@@ -77,34 +83,47 @@ class ModelCache(Generic[K, V]):
         return slot.value
 
     def victims(self, key: K, nbytes: int) -> list[K]:
-        """The least recently used unpinned keys to evict so that ``key`` (``nbytes``) fits.
+        """The least recently used unpinned, unprotected keys to evict so that ``key``
+        (``nbytes``) fits.
 
-        Raises CacheFull, naming why, if it cannot fit even then; nothing is changed either way.
+        Raises CacheFull, naming why, if it cannot fit even then (CacheBusy when it would fit
+        once the protected keys are not); nothing is changed either way.
         """
         if nbytes < 0:
             raise ValueError(f"a model cannot cost {nbytes} bytes")
         if self.max_bytes and nbytes > self.max_bytes:
             raise CacheFull(f"needs {nbytes} bytes, more than the whole budget of {self.max_bytes}")
+        chosen = self._choose(key, nbytes, self._pins | self._protected)
+        if chosen is not None:
+            return chosen
+        if self._protected and self._choose(key, nbytes, self._pins) is not None:
+            raise CacheBusy(
+                f"needs room that {len(self._protected)} just loaded models hold until the "
+                "requests waiting for them start"
+            )
+        held = [k for k in self._pins if k in self._slots]
+        pinned = sum(self._slots[k].nbytes for k in held)
+        raise CacheFull(
+            f"needs {nbytes} bytes; pinned models hold {pinned} bytes of the "
+            f"{self.max_bytes or 'unbounded'} byte budget and {len(held)} of "
+            f"{self.max_items or 'unbounded'} slots"
+        )
+
+    def _choose(self, key: K, nbytes: int, exempt: set[K]) -> list[K] | None:
+        """The victims, least recently used first, none of them in ``exempt``; None when
+        evicting every other key cannot make room."""
         items = len(self._slots) + (0 if key in self._slots else 1)
         total = self.total_bytes - (self._slots[key].nbytes if key in self._slots else 0) + nbytes
         chosen: list[K] = []
         for candidate, slot in self._slots.items():
             if not self._over(items, total):
                 break
-            if candidate == key or candidate in self._pins:
+            if candidate == key or candidate in exempt:
                 continue
             chosen.append(candidate)
             items -= 1
             total -= slot.nbytes
-        if self._over(items, total):
-            held = [k for k in self._pins if k in self._slots]
-            pinned = sum(self._slots[k].nbytes for k in held)
-            raise CacheFull(
-                f"needs {nbytes} bytes; pinned models hold {pinned} bytes of the "
-                f"{self.max_bytes or 'unbounded'} byte budget and {len(held)} of "
-                f"{self.max_items or 'unbounded'} slots"
-            )
-        return chosen
+        return None if self._over(items, total) else chosen
 
     def _over(self, items: int, total: int) -> bool:
         too_many = self.max_items and items > self.max_items
@@ -119,8 +138,23 @@ class ModelCache(Generic[K, V]):
         self._slots.move_to_end(key)
 
     def remove(self, key: K) -> V | None:
+        self._protected.discard(key)
         slot = self._slots.pop(key, None)
         return None if slot is None else slot.value
+
+    def protect(self, key: K) -> None:
+        """Exempt ``key`` from eviction for a moment: a version just loaded for requests that
+        have not started on it yet (their lifecycle lifts it as soon as they have). Unlike a
+        pin, a protection makes an admission that needs its room wait (CacheBusy), never fail.
+        """
+        self._protected.add(key)
+
+    def unprotect(self, key: K) -> None:
+        self._protected.discard(key)
+
+    @property
+    def protected(self) -> frozenset[K]:
+        return frozenset(self._protected)
 
     def pin(self, key: K) -> None:
         """Exempt ``key`` from eviction, whether it is loaded now or later."""

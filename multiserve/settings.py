@@ -214,10 +214,11 @@ class Settings:
         "serves.",
     )
     load_threads: int = _setting(
-        1,
-        _int_in(1, 64),
-        "Model loads (and closes) that may run at once. 1 makes each load's "
-        "memory measurable and bounds what loads in flight hold; more loads cold models faster.",
+        0,
+        _int_in(0, 64),
+        "Model loads (and closes) that may run at once, admitted in the order they were asked "
+        "for. 1 makes each load's memory measurable and bounds what loads in flight hold; more "
+        "loads cold models faster. 0: from the core count (half the cores, 1 to 4).",
     )
     watch: bool = _setting(
         True, _bool, "Watch the repository and pick up new, changed and deleted versions live."
