@@ -1,4 +1,6 @@
-"""The LRU of loaded models, bounded by count and by bytes, with pinned keys exempt.
+"""The cache of loaded models, bounded by count and by bytes, with pinned keys exempt: an LRU,
+or W-TinyLFU (`multiserve.tinylfu`: a small LRU window for newcomers, and a frequency sketch
+that decides whether a newcomer may take a frequently used model's place).
 
 Pure policy: no I/O, no clocks beyond a counter, no closing of models (the lifecycle does that
 with the victims this cache names). All of it runs on the event loop, so each call is atomic.
@@ -11,8 +13,12 @@ from collections.abc import Hashable, Iterator
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from multiserve.tinylfu import WindowTinyLfu
+
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
+
+POLICIES = ("lru", "tinylfu")
 
 
 class CacheFull(Exception):
@@ -31,13 +37,22 @@ class _Slot(Generic[V]):
 
 
 class ModelCache(Generic[K, V]):
-    """``max_items`` / ``max_bytes`` of 0 mean unbounded."""
+    """``max_items`` / ``max_bytes`` of 0 mean unbounded. ``policy``: ``"lru"`` evicts the
+    least recently used; ``"tinylfu"`` keeps the frequently used against one-off newcomers
+    (see `multiserve.tinylfu`). Either way a newcomer is always admitted (a miss is served);
+    pinned and protected keys are never evicted."""
 
-    def __init__(self, max_items: int = 0, max_bytes: int = 0) -> None:
+    def __init__(self, max_items: int = 0, max_bytes: int = 0, policy: str = "lru") -> None:
         if max_items < 0 or max_bytes < 0:
             raise ValueError("cache bounds must be >= 0 (0 means unbounded)")
+        if policy not in POLICIES:
+            raise ValueError(f"cache policy must be one of {', '.join(POLICIES)}, not {policy!r}")
         self.max_items = max_items
         self.max_bytes = max_bytes
+        self.policy = policy
+        self._tinylfu: WindowTinyLfu[K] | None = (
+            WindowTinyLfu(max_items or 64) if policy == "tinylfu" else None
+        )
         self._slots: OrderedDict[K, _Slot[V]] = OrderedDict()
         self._pins: set[K] = set()
         self._protected: set[K] = set()
@@ -73,7 +88,10 @@ class ModelCache(Generic[K, V]):
         return None if slot is None else slot.value
 
     def get(self, key: K) -> V | None:
-        """The value, now the most recently used; None (a miss) if absent."""
+        """The value, now the most recently used; None (a miss) if absent. Either way a request
+        for ``key``, counted by the frequency sketch (tinylfu)."""
+        if self._tinylfu is not None:
+            self._tinylfu.record(key)
         slot = self._slots.get(key)
         if slot is None:
             self.misses += 1
@@ -83,8 +101,8 @@ class ModelCache(Generic[K, V]):
         return slot.value
 
     def victims(self, key: K, nbytes: int) -> list[K]:
-        """The least recently used unpinned, unprotected keys to evict so that ``key``
-        (``nbytes``) fits.
+        """The unpinned, unprotected keys to evict so that ``key`` (``nbytes``) fits: the least
+        recently used (lru), or the losers of the frequency contests (tinylfu).
 
         Raises CacheFull, naming why, if it cannot fit even then (CacheBusy when it would fit
         once the protected keys are not); nothing is changed either way.
@@ -110,8 +128,13 @@ class ModelCache(Generic[K, V]):
         )
 
     def _choose(self, key: K, nbytes: int, exempt: set[K]) -> list[K] | None:
-        """The victims, least recently used first, none of them in ``exempt``; None when
-        evicting every other key cannot make room."""
+        """The victims, in eviction order, none of them in ``exempt``; None when evicting
+        every other key cannot make room."""
+        if self._tinylfu is not None:
+            sizes = {cached: slot.nbytes for cached, slot in self._slots.items()}
+            return self._tinylfu.choose(
+                list(self._slots), sizes, key, nbytes, exempt, self._over, self.max_items
+            )
         items = len(self._slots) + (0 if key in self._slots else 1)
         total = self.total_bytes - (self._slots[key].nbytes if key in self._slots else 0) + nbytes
         chosen: list[K] = []
@@ -136,9 +159,13 @@ class ModelCache(Generic[K, V]):
             raise CacheFull("evict the victims before putting")
         self._slots[key] = _Slot(value, nbytes)
         self._slots.move_to_end(key)
+        if self._tinylfu is not None:
+            self._tinylfu.admitted(list(self._slots), key, self.max_items)
 
     def remove(self, key: K) -> V | None:
         self._protected.discard(key)
+        if self._tinylfu is not None:
+            self._tinylfu.removed(key)
         slot = self._slots.pop(key, None)
         return None if slot is None else slot.value
 
@@ -155,6 +182,18 @@ class ModelCache(Generic[K, V]):
     @property
     def protected(self) -> frozenset[K]:
         return frozenset(self._protected)
+
+    def segment(self, key: K) -> str | None:
+        """Where ``key`` is: ``"window"`` or ``"main"`` (tinylfu), ``"lru"``, or None."""
+        if key not in self._slots:
+            return None
+        if self._tinylfu is None:
+            return "lru"
+        return "main" if key in self._tinylfu.main else "window"
+
+    def frequency(self, key: K) -> int | None:
+        """The frequency sketch's estimate of ``key``'s recent requests (tinylfu), else None."""
+        return None if self._tinylfu is None else self._tinylfu.sketch.estimate(key)
 
     def pin(self, key: K) -> None:
         """Exempt ``key`` from eviction, whether it is loaded now or later."""

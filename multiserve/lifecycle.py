@@ -128,6 +128,7 @@ class Lifecycle:
         default_device: str = "cpu",
         max_models: int = 0,
         max_memory: int = 0,
+        cache_policy: str = "lru",
         settle_window_s: float = 1.0,
         settle_wait_s: float = 0.0,
         rescan: Callable[[], None] | None = None,
@@ -171,7 +172,7 @@ class Lifecycle:
         # Given to each load (with the version's name and number): the server sets its
         # `models` handle and settings once it runs.
         self.context = LoadContext()
-        self.cache: ModelCache[Key, LoadedEntry] = ModelCache(max_models, max_memory)
+        self.cache: ModelCache[Key, LoadedEntry] = ModelCache(max_models, max_memory, cache_policy)
         self.labels: dict[str, dict[str, int]] = {}
         self._loads: dict[Ident, asyncio.Future[LoadedEntry]] = {}
         # Requests (and promotions) awaiting each load. A version loaded for waiting requests
@@ -540,8 +541,8 @@ class Lifecycle:
         for victim in self._victims(key, nbytes, what):
             entry = self.cache.peek(victim)
             if entry is not None:
-                logger.info("evicting %s version %d (least recently used)", *victim)
-                self._retire(entry, "lru")
+                logger.info("evicting %s version %d (%s)", *victim, self.cache.policy)
+                self._retire(entry, self.cache.policy)
 
     async def _admit(self, entry: LoadedEntry, what: str) -> None:
         record = entry.record

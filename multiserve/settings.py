@@ -195,6 +195,13 @@ class Settings:
         "Most bytes of loaded models (e.g. '2GiB'); the least recently used "
         "unpinned ones are evicted to stay under it. 0: no bound.",
     )
+    cache_policy: str = _setting(
+        "tinylfu",
+        _choice("lru", "tinylfu"),
+        "Which loaded model makes room for another: tinylfu (a frequency sketch keeps the "
+        "models asked for most against one-off newcomers; best on skewed traffic) or lru (the "
+        "least recently used). A miss is loaded and served either way.",
+    )
     optimize_cache_dir: str = _setting(
         "",
         _text,

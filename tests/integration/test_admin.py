@@ -244,7 +244,7 @@ def test_the_least_recently_used_model_is_evicted_when_the_count_is_full(
     evicted: str,
 ) -> None:
     write_npz_models(tmp_path, ["a", "b", "c"])
-    server = start_server(tmp_path, npz_registry, max_models=2)
+    server = start_server(tmp_path, npz_registry, max_models=2, cache_policy="lru")
     with admin_client(server) as client:
         for name in ("a", "b"):
             assert client.post(f"/models/{name}/predict", json=npz_input(2)).status_code == 200
