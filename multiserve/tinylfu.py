@@ -32,8 +32,8 @@ _ROWS = 4
 # 6-bit counters (TinyLFU's are 4-bit): a model server sees few distinct keys, each often, and
 # 15 saturated for every hot model; measured with benchmarks/cache_sim.py.
 _MAX_COUNT = 63
-# Per-row seeds for the row hashes (odd 64-bit constants).
-_SEEDS = (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xD6E8FEB86659FD93)
+# Each row's index is 16 bits of one 64-bit mixed hash: at most 2^16 counters a row.
+_MAX_WIDTH = 1 << 16
 # The window's share of the cache (Caffeine starts at 1%); at least one model.
 WINDOW_FRACTION = 0.01
 
@@ -50,8 +50,8 @@ class FrequencySketch(Generic[K]):
     4-bit counters; every ``sample_size`` increments all counters are halved (aging)."""
 
     def __init__(self, width: int, sample_size: int) -> None:
-        if width < 1 or width & (width - 1):
-            raise ValueError(f"the sketch width must be a power of two, not {width}")
+        if width < 1 or width & (width - 1) or width > _MAX_WIDTH:
+            raise ValueError(f"the sketch width must be a power of two <= 2^16, not {width}")
         if sample_size < 1:
             raise ValueError(f"the sample size must be >= 1, not {sample_size}")
         self.width = width
@@ -66,14 +66,15 @@ class FrequencySketch(Generic[K]):
         server sees rarely share every row, and a sample of 10 per slot (TinyLFU's W/C), at
         least 500 (a small cache's estimates are otherwise too noisy to rank its models)."""
         capacity = max(capacity, 16)
-        width = 1 << max(8, (16 * capacity - 1).bit_length())
+        width = min(1 << max(8, (16 * capacity - 1).bit_length()), _MAX_WIDTH)
         return cls(width, max(10 * capacity, 500))
 
-    def _indexes(self, key: K) -> list[int]:
-        base = hash(key) & _MASK
-        return [_mix(base ^ seed) & (self.width - 1) for seed in _SEEDS]
+    def _indexes(self, key: K) -> tuple[int, int, int, int]:
+        mixed, mask = _mix(hash(key) & _MASK), self.width - 1
+        return (mixed & mask, (mixed >> 16) & mask, (mixed >> 32) & mask, (mixed >> 48) & mask)
 
     def increment(self, key: K) -> None:
+        """Count one request for ``key`` (every request: this is on the hot path)."""
         added = False
         for row, index in zip(self._rows, self._indexes(key), strict=True):
             if row[index] < _MAX_COUNT:
