@@ -34,6 +34,7 @@ _ROWS = 4
 _MAX_COUNT = 63
 # Each row's index is 16 bits of one 64-bit mixed hash: at most 2^16 counters a row.
 _MAX_WIDTH = 1 << 16
+_KNOWN_KEYS = 4096
 # The window's share of the cache (Caffeine starts at 1%); at least one model.
 WINDOW_FRACTION = 0.01
 
@@ -59,6 +60,8 @@ class FrequencySketch(Generic[K]):
         self._rows = [[0] * width for _ in range(_ROWS)]
         self._additions = 0
         self.resets = 0
+        # A model server asks about the same few keys all the time: their indexes, remembered.
+        self._known: dict[K, tuple[int, int, int, int]] = {}
 
     @classmethod
     def for_capacity(cls, capacity: int) -> FrequencySketch[K]:
@@ -70,15 +73,23 @@ class FrequencySketch(Generic[K]):
         return cls(width, max(10 * capacity, 500))
 
     def _indexes(self, key: K) -> tuple[int, int, int, int]:
+        known = self._known.get(key)
+        if known is not None:
+            return known
         mixed, mask = _mix(hash(key) & _MASK), self.width - 1
-        return (mixed & mask, (mixed >> 16) & mask, (mixed >> 32) & mask, (mixed >> 48) & mask)
+        indexes = (mixed & mask, (mixed >> 16) & mask, (mixed >> 32) & mask, (mixed >> 48) & mask)
+        if len(self._known) >= _KNOWN_KEYS:
+            self._known.clear()
+        self._known[key] = indexes
+        return indexes
 
     def increment(self, key: K) -> None:
         """Count one request for ``key`` (every request: this is on the hot path)."""
         added = False
         for row, index in zip(self._rows, self._indexes(key), strict=True):
-            if row[index] < _MAX_COUNT:
-                row[index] += 1
+            count = row[index]
+            if count < _MAX_COUNT:
+                row[index] = count + 1
                 added = True
         if added:
             self._additions += 1
