@@ -3,13 +3,19 @@
     .venv/bin/python benchmarks/load_cache.py [--rounds 9]
 
 Writes four-layer MLPs (x float32 [batch, 64] -> Gemm+Relu x 3 -> Gemm -> 10 classes) whose
-weights take about 0.3, 3, 30 and 100 MB, and times a load of each (the backend's ``load`` as
-the server's `Loader` calls it, the load cache's key and lookup included) three ways, taking
-turns within each round: ``off`` (the backend's load without a load cache, what every load
-cost before: ONNX Runtime optimises the graph each time), ``first`` (a load that finds no
-entry: it optimises, saves the graph and loads the saved one) and ``reload`` (a later load: it
-loads the saved graph with optimisation off). Medians over the rounds; ratios
-``off / reload`` within the same run. Writes ``benchmarks/results/load_cache.json``.
+weights take about 0.3, 3, 30 and 100 MB, and two graph-heavy models of small weights (50 and
+200 residual blocks of MatMul, Add, LayerNormalization, Relu: 0.9 and 3.5 MB). Times a load of
+each (the backend's ``load`` as the server's `Loader` calls it, the load cache's key and lookup
+included) three ways, taking turns within each round:
+
+- ``off``: the backend's load without a load cache, what every load cost before (ONNX Runtime
+  optimises the graph each time);
+- ``first``: a load that finds no entry (the previous round's is removed first): it optimises,
+  saves the graph and loads the saved one;
+- ``reload``: a later load: it loads the saved graph with optimisation off.
+
+Medians over the rounds; the ratio ``off / reload`` within the same run. Writes
+``benchmarks/results/load_cache.json``.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import argparse
 import functools
 import itertools
+import shutil
 import sys
 import tempfile
 import time
@@ -42,6 +49,7 @@ from multiserve.types import LoadContext
 FEATURES = 64
 CLASSES = 10
 SIZES_MB = (0.3, 3.0, 30.0, 100.0)
+DEEP_BLOCKS = (50, 200)
 
 
 def write_mlp(path: Path, target_bytes: float, seed: int = 0) -> Path:
@@ -80,6 +88,43 @@ def write_mlp(path: Path, target_bytes: float, seed: int = 0) -> Path:
     return path
 
 
+def write_deep(path: Path, blocks: int, width: int = FEATURES, seed: int = 0) -> Path:
+    """A graph-heavy model of small weights: ``blocks`` residual blocks of MatMul, Add,
+    LayerNormalization and Relu (x [batch, 64] -> y [batch, 64]), whose many nodes ONNX
+    Runtime fuses when it optimises the graph."""
+    rng = np.random.default_rng(seed)
+    nodes, initializers, current = [], [], "x"
+    for i in range(blocks):
+        weight = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
+        initializers += [
+            numpy_helper.from_array(weight, f"w{i}"),
+            numpy_helper.from_array(np.zeros(width, np.float32), f"b{i}"),
+            numpy_helper.from_array(np.ones(width, np.float32), f"g{i}"),
+            numpy_helper.from_array(np.zeros(width, np.float32), f"beta{i}"),
+        ]
+        nodes += [
+            helper.make_node("MatMul", [current, f"w{i}"], [f"m{i}"]),
+            helper.make_node("Add", [f"m{i}", f"b{i}"], [f"a{i}"]),
+            helper.make_node("LayerNormalization", [f"a{i}", f"g{i}", f"beta{i}"], [f"n{i}"]),
+            helper.make_node("Relu", [f"n{i}"], [f"r{i}"]),
+            helper.make_node("Add", [f"r{i}", current], [f"h{i}"]),
+        ]
+        current = f"h{i}"
+    nodes.append(helper.make_node("Identity", [current], ["y"]))
+    graph = helper.make_graph(
+        nodes,
+        "deep",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", width])],
+        initializer=initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
+
+
 def _timed(load: Callable[[], Any]) -> float:
     started = time.perf_counter()
     load()
@@ -90,8 +135,13 @@ def measure(rounds: int, work: Path) -> list[dict[str, Any]]:
     registry = BackendRegistry()
     backend = registry.get("onnx")
     root = work / "models"
+    names = []
     for size in SIZES_MB:
         write_mlp(root / f"mlp{size:g}" / "1" / "model.onnx", size * 1e6)
+        names.append(f"mlp{size:g}")
+    for blocks in DEEP_BLOCKS:
+        write_deep(root / f"deep{blocks}" / "1" / "model.onnx", blocks)
+        names.append(f"deep{blocks}")
     records = {record.name: record for record in LocalRepository(root, registry).scan()}
     store = DerivedStore(work / "derived", max_bytes=0)
 
@@ -108,19 +158,25 @@ def measure(rounds: int, work: Path) -> list[dict[str, Any]]:
         load_cache.close_entry(store, opened, True)
         model.close()
 
+    def forget(record: VersionRecord) -> None:
+        opened = load_cache.open_entry(store, record, backend, record.path, {})
+        if opened is not None:
+            load_cache.close_entry(store, opened, False)
+            shutil.rmtree(opened.entry, ignore_errors=True)
+
     rows = []
-    for size in SIZES_MB:
-        record = records[f"mlp{size:g}"]
+    for name in names:
+        record = records[name]
         times: dict[str, list[float]] = {"off": [], "first": [], "reload": []}
-        for round_ in range(rounds):
+        for _ in range(rounds):
             times["off"].append(_timed(functools.partial(before, record)))
-            # A fresh key each round: ``intra_op_threads`` differs, nothing else does.
-            first = {"intra_op_threads": round_ + 1}
-            times["first"].append(_timed(functools.partial(load, record, first)))
+            forget(record)  # the entry an earlier round saved: this load is a first one
+            times["first"].append(_timed(functools.partial(load, record, {})))
             times["reload"].append(_timed(functools.partial(load, record, {})))
         medians = {kind: median(values) for kind, values in times.items()}
         rows.append(
             {
+                "model": name,
                 "model_mb": round(record.size_bytes / 1e6, 2),
                 **{f"{kind}_ms": round(value * 1000, 2) for kind, value in medians.items()},
                 "off_over_reload": round(medians["off"] / medians["reload"], 2),
@@ -145,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("|---|---|---|---|---|")
     for row in rows:
         print(
-            f"| {row['model_mb']} MB | {row['off_ms']} ms | {row['first_ms']} ms "
+            f"| {row['model']} ({row['model_mb']} MB) | {row['off_ms']} ms | {row['first_ms']} ms "
             f"| {row['reload_ms']} ms | {row['off_over_reload']}x |"
         )
     write_json(
