@@ -124,7 +124,11 @@ def test_admin_cache_shows_entries_totals_budget_and_stats(
         empty = cache_of(client)
         assert empty["entries"] == []
         assert empty["totals"] == {"models": 0, "memory_bytes": 0}
-        assert empty["budget"] == {"max_models": 3, "max_memory_bytes": 64 * MiB}
+        assert empty["budget"] == {
+            "max_models": 3,
+            "max_memory_bytes": 64 * MiB,
+            "policy": "tinylfu",
+        }
         assert empty["pins"] == []
         assert empty["stats"]["hits"] == 0
         assert empty["stats"]["misses"] == 0
