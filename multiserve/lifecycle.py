@@ -10,6 +10,7 @@ a time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
@@ -23,7 +24,7 @@ from typing import Any, Protocol, TypeVar
 from multiserve import payloads, policy
 from multiserve.backends import BackendRegistry
 from multiserve.batching import Dispatcher, Prepare
-from multiserve.cache import CacheFull, ModelCache
+from multiserve.cache import CacheBusy, CacheFull, ModelCache
 from multiserve.catalog import LATEST, Catalog, Ident, Key, VersionRecord
 from multiserve.concurrency import run_sync
 from multiserve.errors import (
@@ -44,7 +45,7 @@ from multiserve.loading import (
     VersionSource,
     predictor,
 )
-from multiserve.memory import MemoryCost, MemoryMeter
+from multiserve.memory import MemoryCost, MemoryMeter, load_concurrency
 from multiserve.optimize import Optimizer
 from multiserve.policy import VersionState
 from multiserve.types import Describable, LoadContext, Model, PayloadModel
@@ -135,6 +136,7 @@ class Lifecycle:
         default_device: str = "cpu",
         max_models: int = 0,
         max_memory: int = 0,
+        cache_policy: str = "lru",
         settle_window_s: float = 1.0,
         settle_wait_s: float = 0.0,
         rescan: Callable[[], None] | None = None,
@@ -142,7 +144,7 @@ class Lifecycle:
         warmup: bool = True,
         observer: LifecycleObserver | None = None,
         source: VersionSource | None = None,
-        load_threads: int = 1,
+        load_threads: int = 0,
         inference_threads: int = 1,
         max_batch_size: int = 1,
         optimizer: Optimizer | None = None,
@@ -161,12 +163,13 @@ class Lifecycle:
         self._scan_seen = asyncio.Event()
         self.version_policy = version_policy
         self.warmup = warmup
-        # Loads and closes that may run at once. One (the default) makes each load's growth
-        # of the process's memory measurable, and bounds the memory held by loads in flight.
+        # Loads and closes that may run at once (0: from the core count), first come, first
+        # served. One makes each load's growth of the process's memory measurable; with more,
+        # a load that overlapped another is charged its backend's own figure.
         self.loader = Loader(
             registry,
             self.source,
-            MemoryMeter(load_threads),
+            MemoryMeter(load_concurrency(load_threads)),
             default_device=default_device,
             warmup=warmup,
             optimizer=self.optimizer,
@@ -177,9 +180,16 @@ class Lifecycle:
         # Given to each load (with the version's name and number): the server sets its
         # `models` handle and settings once it runs.
         self.context = LoadContext()
-        self.cache: ModelCache[Key, LoadedEntry] = ModelCache(max_models, max_memory)
+        self.cache: ModelCache[Key, LoadedEntry] = ModelCache(max_models, max_memory, cache_policy)
         self.labels: dict[str, dict[str, int]] = {}
         self._loads: dict[Ident, asyncio.Future[LoadedEntry]] = {}
+        # Requests (and promotions) awaiting each load. A version loaded for waiting requests
+        # is protected from eviction until the last of them has started on it, so that a load
+        # finishing just after it cannot evict it first (which made them load it again).
+        self._waiting: dict[Ident, int] = {}
+        # Set, and replaced, whenever a protection lifts: what an admission short of room that
+        # protected versions hold awaits.
+        self._unprotected = asyncio.Event()
         # Why a set of files cannot serve: kept until the files change.
         self._failures: dict[Ident, ModelLoadFailed | ModelTooLarge] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -430,8 +440,24 @@ class Lifecycle:
             # A load whose waiters all went away must not log "exception never retrieved".
             future.add_done_callback(lambda f: f.cancelled() or f.exception())
             self._loads[record.ident] = future
-        # Shielded: a client that disconnects must not cancel a load others are waiting for.
-        return await asyncio.shield(future)
+        self._waiting[record.ident] = self._waiting.get(record.ident, 0) + 1
+        try:
+            # Shielded: a client that disconnects must not cancel a load others are waiting for.
+            return await asyncio.shield(future)
+        finally:
+            # Runs in the same step as the caller taking its lease (no await in between).
+            self._stop_waiting(record)
+
+    def _stop_waiting(self, record: VersionRecord) -> None:
+        left = self._waiting[record.ident] - 1
+        if left:
+            self._waiting[record.ident] = left
+            return
+        del self._waiting[record.ident]
+        if record.key in self.cache.protected:
+            self.cache.unprotect(record.key)
+            lifted, self._unprotected = self._unprotected, asyncio.Event()
+            lifted.set()
 
     # --- loading --------------------------------------------------------------------------
 
@@ -443,7 +469,8 @@ class Lifecycle:
                 # Refuse early what cannot fit by its files' size. Nothing is evicted until the
                 # load succeeded and its real cost is known: evicting first would lose models
                 # for a version that then fails, or proves larger than the whole budget.
-                self._victims(record.key, record.size_bytes, what)
+                with contextlib.suppress(CacheBusy):  # fits once protections lift
+                    self._victims(record.key, record.size_bytes, what)
                 started = time.perf_counter()
                 try:
                     context = dataclasses.replace(
@@ -471,7 +498,7 @@ class Lifecycle:
                     memory=cost,
                 )
                 try:
-                    self._admit(entry, what)
+                    await self._admit(entry, what)
                 except MultiserveError as exc:
                     entry.retiring = True
                     self._close_when_idle(entry)
@@ -527,6 +554,8 @@ class Lifecycle:
     def _victims(self, key: Key, nbytes: int, what: str) -> list[Key]:
         try:
             return self.cache.victims(key, nbytes)
+        except CacheBusy:
+            raise
         except CacheFull as exc:
             raise ModelTooLarge(f"{what} does not fit the cache: {exc}") from None
 
@@ -534,17 +563,26 @@ class Lifecycle:
         for victim in self._victims(key, nbytes, what):
             entry = self.cache.peek(victim)
             if entry is not None:
-                logger.info("evicting %s version %d (least recently used)", *victim)
-                self._retire(entry, "lru")
+                logger.info("evicting %s version %d (%s)", *victim, self.cache.policy)
+                self._retire(entry, self.cache.policy)
 
-    def _admit(self, entry: LoadedEntry, what: str) -> None:
+    async def _admit(self, entry: LoadedEntry, what: str) -> None:
         record = entry.record
-        current = self.catalog.find(record.key)
-        if current is None or current.fingerprint != record.fingerprint:
-            raise ModelLoadFailed(f"{what} changed or was removed while it loaded; retry")
-        self._make_room(record.key, entry.memory_bytes, what)
+        while True:
+            current = self.catalog.find(record.key)
+            if current is None or current.fingerprint != record.fingerprint:
+                raise ModelLoadFailed(f"{what} changed or was removed while it loaded; retry")
+            try:
+                self._make_room(record.key, entry.memory_bytes, what)
+                break
+            except CacheBusy:
+                # The room is held by versions just loaded for requests about to start on
+                # them: within a few steps of the event loop.
+                await self._unprotected.wait()
         replaced = self.cache.peek(record.key)
         self.cache.put(record.key, entry, entry.memory_bytes)
+        if self._waiting.get(record.ident):
+            self.cache.protect(record.key)
         if replaced is not None:
             self._count_eviction(replaced, "replaced")
             self._retire_entry(replaced)

@@ -4,6 +4,7 @@ it from worker threads and decides when (see `multiserve.policy` for the decisio
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import time
@@ -13,7 +14,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from multiserve import codecs, payloads
+from multiserve import codecs, load_cache, payloads
 from multiserve.backends import BackendRegistry, load_model
 from multiserve.batching import Dispatcher, Predict, check_batchable
 from multiserve.catalog import VersionRecord
@@ -147,6 +148,13 @@ class Loader:
         # Outside the memory gate: a derivation runs in a child process, and other loads need
         # not wait for it.
         backend, path, options = self.optimizer.prepare(record, backend, path, options)
+        # Also outside the gate: hashing the files of a version not loaded before.
+        cached = load_cache.open_entry(self.optimizer.store, record, backend, path, options)
+        if cached is not None:
+            context = dataclasses.replace(
+                context, load_cache=cached.directory, load_cache_hit=cached.hit
+            )
+        loaded = False
         try:
             model, cost = self.meter.measure(
                 lambda: self._load_and_warm(
@@ -154,11 +162,14 @@ class Loader:
                 ),
                 lambda model: int(model.memory_bytes),
             )
+            loaded = True
         except ModelLoadFailed:
             artifact = path / record.artifact if record.artifact else path
             if not artifact.exists():
                 raise VersionGone(f"{what}: its files are gone from the repository") from None
             raise
+        finally:
+            load_cache.close_entry(self.optimizer.store, cached, loaded)
         if isinstance(model, PayloadModel) and self._warms(record):
             # Outside the memory gate: a pipeline's warm-up may load the models it calls.
             payloads.warm_up(path, what, model)

@@ -12,6 +12,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TypeVar, cast
 
+from multiserve.gate import FairGate
+
 T = TypeVar("T")
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -90,6 +92,16 @@ def freeze_long_lived() -> None:
     gc.freeze()
 
 
+def load_concurrency(load_threads: int, cores: int | None = None) -> int:
+    """The loads that may run at once for the ``load_threads`` setting: itself, or for 0, half
+    the cores (1 to 4). A load keeps about one core busy (parsing, optimising a graph, warming
+    up) while requests need the others; past 4, loads mostly wait on the same disk."""
+    if load_threads > 0:
+        return load_threads
+    cores = cores if cores is not None else (os.cpu_count() or 1)
+    return max(1, min(4, cores // 2))
+
+
 @dataclass(frozen=True, slots=True)
 class MemoryCost:
     """What a loaded model is charged, and how that figure was obtained.
@@ -120,10 +132,13 @@ class MemoryCost:
 
 class MemoryMeter:
     """Brackets the work that moves the process's memory (loads and closes), at most
-    ``concurrency`` at a time, and measures what a load grew it by when it ran alone."""
+    ``concurrency`` at a time and in the order they asked (a `FairGate`), and measures what a
+    load grew it by when it ran alone. Work that overlapped other work is charged its
+    backend's own figure instead (`MemoryCost`), so parallel loads never charge a model for
+    another's growth, or credit it with another's close."""
 
     def __init__(self, concurrency: int = 1) -> None:
-        self._gate = threading.Semaphore(concurrency)
+        self.gate = FairGate(concurrency)
         self._lock = threading.Lock()
         self._running = 0
         self._events = 0
@@ -131,7 +146,7 @@ class MemoryMeter:
     @contextmanager
     def work(self) -> Iterator[Callable[[], bool]]:
         """Holds a turn; yields whether the work has run alone so far."""
-        with self._gate:
+        with self.gate:
             with self._lock:
                 self._running += 1
                 self._events += 1

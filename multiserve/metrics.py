@@ -106,7 +106,8 @@ class Metrics:
         self.evictions = Counter(
             "multiserve_model_evictions",
             "Loaded versions taken out of the cache, by model and reason "
-            "(lru, admin, version_policy, removed, replaced).",
+            "(lru or tinylfu: to make room, by the cache policy; admin, version_policy, removed, "
+            "replaced).",
             ["model", "reason"],
             registry=r,
         )

@@ -89,6 +89,7 @@ class ModelServer:
             default_device=settings.device,
             max_models=settings.max_models,
             max_memory=settings.max_memory,
+            cache_policy=settings.cache_policy,
             settle_window_s=settings.settle_window_s,
             settle_wait_s=settings.settle_wait_s,
             rescan=self._request_scan,

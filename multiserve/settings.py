@@ -205,6 +205,13 @@ class Settings:
         "Most bytes of loaded models (e.g. '2GiB'); the least recently used "
         "unpinned ones are evicted to stay under it. 0: no bound.",
     )
+    cache_policy: str = _setting(
+        "tinylfu",
+        _choice("lru", "tinylfu"),
+        "Which loaded model makes room for another: tinylfu (a frequency sketch keeps the "
+        "models asked for most against one-off newcomers; best on skewed traffic) or lru (the "
+        "least recently used). A miss is loaded and served either way.",
+    )
     optimize_cache_dir: str = _setting(
         "",
         _text,
@@ -224,10 +231,11 @@ class Settings:
         "serves.",
     )
     load_threads: int = _setting(
-        1,
-        _int_in(1, 64),
-        "Model loads (and closes) that may run at once. 1 makes each load's "
-        "memory measurable and bounds what loads in flight hold; more loads cold models faster.",
+        0,
+        _int_in(0, 64),
+        "Model loads (and closes) that may run at once, admitted in the order they were asked "
+        "for. 1 makes each load's memory measurable and bounds what loads in flight hold; more "
+        "loads cold models faster. 0: from the core count (half the cores, 1 to 4).",
     )
     watch: bool = _setting(
         True, _bool, "Watch the repository and pick up new, changed and deleted versions live."

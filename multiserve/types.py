@@ -158,6 +158,8 @@ class Backend(Protocol):
 # - ``executes_repository_code = True``: loading runs code found in the model repository. The
 #   server then refuses such versions (state failed, with the reason) unless the operator
 #   allows it.
+# - ``caches_loads = True``: its ``load`` keeps what makes a later load of the same files faster
+#   in ``context.load_cache`` (see `LoadContext`); the core keys, bounds and shares that cache.
 # - ``answers_payloads = True``: its models are `PayloadModel`s. Requests in any content type
 #   then reach a model that is not loaded yet (a tensor model's answer 415 at once).
 
@@ -306,6 +308,14 @@ class LoadContext:
     # The server's settings (`multiserve.settings.Settings` fields, the admin token left out),
     # for server-wide defaults of a backend's options.
     settings: Mapping[str, Any] = field(default_factory=dict)
+    # For a backend with ``caches_loads = True``: a directory of its own, keyed by the content
+    # of the version's files, its options, the runtimes' versions and the machine, where it may
+    # keep what makes a later load of the same files faster (ONNX: the optimised graph). When
+    # ``load_cache_hit``, an earlier load filled it and it is read-only; otherwise it is empty,
+    # and what the load writes there is kept (if the load succeeds) for the next one. None:
+    # no such directory (the backend, or the server, does not cache).
+    load_cache: Path | None = None
+    load_cache_hit: bool = False
 
 
 @runtime_checkable

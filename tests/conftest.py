@@ -92,9 +92,11 @@ ADMIN_TOKEN = "test-admin-token"
 
 
 @pytest.fixture
-def start_server() -> Iterator[StartServer]:
+def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StartServer]:
     """Start servers on a repository; each is stopped at the end of the test."""
     servers: list[RunningServer] = []
+    # Derived models and load caches go to a test's own directory, never ~/.cache.
+    derived = str(tmp_path_factory.mktemp("derived"))
 
     def start(
         models: Path, registry: BackendRegistry | None = None, **settings: object
@@ -102,7 +104,12 @@ def start_server() -> Iterator[StartServer]:
         if registry is None:
             registry = BackendRegistry()
         # Tests write their models just before starting; lifecycle tests set their own window.
-        settings = {"settle_window_s": 0, "admin_token": ADMIN_TOKEN, **settings}
+        settings = {
+            "settle_window_s": 0,
+            "admin_token": ADMIN_TOKEN,
+            "optimize_cache_dir": derived,
+            **settings,
+        }
         loaded = Settings.load(environ={}, overrides={"models": str(models), **settings})
         server = RunningServer(loaded, registry).start()
         servers.append(server)

@@ -40,6 +40,9 @@ async def cache(request: Request) -> Response:
             "last_used": entry.last_used,
             "loaded_at": entry.loaded_at,
             "in_flight": entry.in_flight,
+            # lru, or tinylfu's window / main; and the frequency sketch's estimate (tinylfu)
+            "segment": store.segment(key),
+            "frequency": store.frequency(key),
             **({"memory": entry.memory.to_json()} if entry.memory is not None else {}),
         }
         for key, entry in store.items()
@@ -48,7 +51,11 @@ async def cache(request: Request) -> Response:
         {
             "entries": entries,
             "totals": {"models": len(store), "memory_bytes": store.total_bytes},
-            "budget": {"max_models": store.max_items, "max_memory_bytes": store.max_bytes},
+            "budget": {
+                "max_models": store.max_items,
+                "max_memory_bytes": store.max_bytes,
+                "policy": store.policy,
+            },
             "pins": [{"name": n, "version": str(v)} for n, v in sorted(store.pins)],
             "stats": {
                 "hits": store.hits,

@@ -124,7 +124,11 @@ def test_admin_cache_shows_entries_totals_budget_and_stats(
         empty = cache_of(client)
         assert empty["entries"] == []
         assert empty["totals"] == {"models": 0, "memory_bytes": 0}
-        assert empty["budget"] == {"max_models": 3, "max_memory_bytes": 64 * MiB}
+        assert empty["budget"] == {
+            "max_models": 3,
+            "max_memory_bytes": 64 * MiB,
+            "policy": "tinylfu",
+        }
         assert empty["pins"] == []
         assert empty["stats"]["hits"] == 0
         assert empty["stats"]["misses"] == 0
@@ -244,7 +248,7 @@ def test_the_least_recently_used_model_is_evicted_when_the_count_is_full(
     evicted: str,
 ) -> None:
     write_npz_models(tmp_path, ["a", "b", "c"])
-    server = start_server(tmp_path, npz_registry, max_models=2)
+    server = start_server(tmp_path, npz_registry, max_models=2, cache_policy="lru")
     with admin_client(server) as client:
         for name in ("a", "b"):
             assert client.post(f"/models/{name}/predict", json=npz_input(2)).status_code == 200

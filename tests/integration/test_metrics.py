@@ -91,7 +91,7 @@ def test_scrape_shows_requests_latency_loads_evictions_swaps_and_the_cache(
     assert value(samples, "multiserve_model_loads_total", model="mlp", outcome="success") == 2
     assert value(samples, "multiserve_model_loads_total", model="mlp", outcome="failure") == 1
     assert value(samples, "multiserve_model_load_duration_seconds_count", model="adder") == 1
-    assert value(samples, "multiserve_model_evictions_total", reason="lru") == 1
+    assert value(samples, "multiserve_model_evictions_total", reason="tinylfu") == 1
     assert value(samples, "multiserve_model_swaps_total", model="mlp") == 1
     assert (
         value(samples, "multiserve_model_evictions_total", model="mlp", reason="version_policy")

@@ -5,6 +5,10 @@ Options (a model's config.toml):
 - ``device``: ``cpu``, ``cuda`` or ``cuda:N`` (CUDA needs the ``onnxruntime-gpu`` build).
 - ``intra_op_threads`` / ``inter_op_threads``: ONNX Runtime thread pools; 0 lets it choose.
 - ``optimization``: graph optimisation level, ``disable``, ``basic``, ``extended`` or ``all``.
+- ``session_cache``: keep the graph ONNX Runtime optimised for this version (in the server's
+  load cache, keyed by the files, options, runtime and machine) and load that, unoptimised,
+  next time: a reload after an eviction skips graph optimisation (default true; versions over
+  1.5 GiB are not cached).
 
 Derives (``optimize`` in config.toml, see ``multiserve.optimize``): ``graph``, the graph
 ONNX Runtime optimised, saved so that loads skip optimising it; ``int8``, dynamic int8
@@ -13,6 +17,7 @@ quantisation of the MatMul/Gemm weights (needs the ``int8`` extra: the onnx pack
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,10 +26,16 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from multiserve.types import Array, ModelMetadata, TensorSpec
+from multiserve.types import Array, LoadContext, ModelMetadata, TensorSpec
+
+logger = logging.getLogger("multiserve.onnx")
 
 ARTIFACT = "model.onnx"
-OPTIONS = frozenset({"device", "intra_op_threads", "inter_op_threads", "optimization"})
+OPTIONS = frozenset(
+    {"device", "intra_op_threads", "inter_op_threads", "optimization", "session_cache"}
+)
+# Past this, protobuf cannot hold the saved graph inline: such versions are not cached.
+CACHED_BYTES = 1536 * 1024**2
 
 _DTYPES = {
     "tensor(float)": "float32",
@@ -58,6 +69,7 @@ _IDENTITY = (
 class OnnxBackend:
     name = "onnx"
     derivations = frozenset({"graph", "int8"})
+    caches_loads = True
 
     def start(self) -> None:
         """Run one tiny session, once: onnxruntime's first session sets up process-wide state
@@ -69,7 +81,9 @@ class OnnxBackend:
     def can_load(self, version_dir: Path) -> bool:
         return (version_dir / ARTIFACT).is_file()
 
-    def load(self, version_dir: Path, options: Mapping[str, Any]) -> OnnxModel:
+    def load(
+        self, version_dir: Path, options: Mapping[str, Any], context: LoadContext | None = None
+    ) -> OnnxModel:
         unknown = sorted(set(options) - OPTIONS)
         if unknown:
             raise ValueError(
@@ -84,11 +98,29 @@ class OnnxBackend:
                 f"optimization must be one of {', '.join(_OPTIMIZATION)}, not {level!r}"
             )
         session_options.graph_optimization_level = _OPTIMIZATION[level]
-
+        cache = options.get("session_cache", True)
+        if not isinstance(cache, bool):
+            raise ValueError(f"session_cache must be true or false, not {cache!r}")
+        # The weights dominate a session's memory: the model file plus any external data files.
+        memory = sum(p.stat().st_size for p in version_dir.iterdir() if p.is_file())
         device = str(options.get("device", "cpu"))
         providers = _providers(device)
+        source, cached = version_dir / ARTIFACT, "off"
+        if cache and level != "disable" and context is not None and context.load_cache:
+            saved = context.load_cache / ARTIFACT
+            if context.load_cache_hit and saved.is_file():
+                source, cached = saved, "hit"
+            elif not context.load_cache_hit and memory <= CACHED_BYTES:
+                try:
+                    _save_optimized(source, saved, session_options, providers)
+                    source, cached = saved, "saved"
+                except Exception as exc:  # a full disk: serve it, optimised as it loads
+                    saved.unlink(missing_ok=True)
+                    logger.warning("could not save the optimised graph of %s: %s", source, exc)
+            if cached != "off":  # the saved graph is optimised already
+                session_options.graph_optimization_level = _OPTIMIZATION["disable"]
         session = ort.InferenceSession(
-            str(version_dir / ARTIFACT), sess_options=session_options, providers=providers
+            str(source), sess_options=session_options, providers=providers
         )
         if device != "cpu" and "CUDAExecutionProvider" not in session.get_providers():
             raise RuntimeError(
@@ -99,9 +131,7 @@ class OnnxBackend:
             inputs=tuple(_spec(arg, "input") for arg in session.get_inputs()),
             outputs=tuple(_spec(arg, "output") for arg in session.get_outputs()),
         )
-        # The weights dominate a session's memory: the model file plus any external data files.
-        memory = sum(p.stat().st_size for p in version_dir.iterdir() if p.is_file())
-        return OnnxModel(session, metadata, memory)
+        return OnnxModel(session, metadata, memory, cached)
 
     def derive(
         self, kind: str, version_dir: Path, options: Mapping[str, Any], out_dir: Path
@@ -114,9 +144,16 @@ class OnnxBackend:
 
 class OnnxModel:
     def __init__(
-        self, session: ort.InferenceSession, metadata: ModelMetadata, memory_bytes: int
+        self,
+        session: ort.InferenceSession,
+        metadata: ModelMetadata,
+        memory_bytes: int,
+        session_cache: str = "off",
     ) -> None:
         self._session: ort.InferenceSession | None = session
+        # "hit": loaded from the optimised graph an earlier load saved; "saved": optimised
+        # and saved by this load; "off": not cached.
+        self.session_cache = session_cache
         self.metadata = metadata
         self.memory_bytes = memory_bytes
         self._output_names = [spec.name for spec in metadata.outputs]
@@ -128,8 +165,26 @@ class OnnxModel:
         results = session.run(self._output_names, dict(inputs))
         return dict(zip(self._output_names, results, strict=True))
 
+    def describe(self) -> dict[str, Any]:
+        return {"session_cache": self.session_cache}
+
     def close(self) -> None:
         self._session = None
+
+
+def _save_optimized(
+    source: Path, target: Path, serving: ort.SessionOptions, providers: list[Any]
+) -> None:
+    """Optimise ``source`` as ``serving`` would and save the result to ``target``, in a session
+    of its own that is dropped at once: a session that saved its graph keeps a second copy of
+    the weights for as long as it lives (a 25 MB model then cost 50 MB)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = serving.graph_optimization_level
+    options.intra_op_num_threads = serving.intra_op_num_threads
+    options.optimized_model_filepath = str(target)
+    # Its one warning says the graph suits this machine's CPU: the cache's key names the CPU.
+    options.log_severity_level = 3
+    ort.InferenceSession(str(source), sess_options=options, providers=providers)
 
 
 def _providers(device: str) -> list[Any]:
