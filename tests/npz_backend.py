@@ -14,7 +14,8 @@ It behaves like a real runtime where a test of the server relies on it:
 - ``allocate_bytes`` makes the model hold that much extra memory (touched, so resident) that
   its ``memory_bytes`` does not count, as runtimes allocate well beyond their weights;
 - ``journal`` names a file the model appends one line to per event (``load``, ``predict
-  <x[0, 0]>``, ``close``), so a test can see from outside what ran, and in which order;
+  <x[0, 0]>``, with `` rows=N`` for a call of more than one row, ``close``), so a test can
+  see from outside what ran, and in which order;
 - ``load_gate`` names a file the load waits for (at most 60 s), so a test holds a load open
   for as long as it needs, without guessing a delay.
 """
@@ -111,7 +112,8 @@ class NpzModel:
         x = inputs["x"]
         if self.closed:
             raise ClosedModelError("predict on a closed model")
-        self._record(f"predict {float(x.reshape(-1)[0]) if x.size else 'empty'}")
+        rows = f" rows={len(x)}" if x.ndim and len(x) > 1 else ""
+        self._record(f"predict {float(x.reshape(-1)[0]) if x.size else 'empty'}{rows}")
         if np.isnan(x).any():
             raise FloatingPointError("input contains NaN")
         time.sleep(self.predict_delay_s)

@@ -8,7 +8,9 @@ memory that it does not report (``allocate_bytes``), as real runtimes do."""
 
 from __future__ import annotations
 
+import io
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -116,15 +118,17 @@ def test_latest_moves_only_once_the_new_version_is_loaded(
     with server.client() as client:
         assert predict(client) == ("1", 1.0)
         add_version(repo, 2, 2.0, load_gate=str(gate), journal=journal_of(tmp_path, 2))
-        wait_for(lambda: state_of(client, "2") == "loading", 10, "version 2 to load")
-        # Its load is held open: requests keep being answered by version 1, at once (a
-        # request that waited for the load would time out here), and latest says 1.
-        with httpx.Client(base_url=server.url, timeout=5) as quick:
-            for _ in range(5):
-                assert predict(quick) == ("1", 1.0)
-        assert client.get("/models/m").json()["latest"] == "1"
-        assert events(tmp_path, 2) == []  # not even loaded yet
-        gate.touch()
+        try:
+            wait_for(lambda: state_of(client, "2") == "loading", 10, "version 2 to load")
+            # Its load is held open: requests keep being answered by version 1, at once (a
+            # request that waited for the load would time out here), and latest says 1.
+            with httpx.Client(base_url=server.url, timeout=5) as quick:
+                for _ in range(5):
+                    assert predict(quick) == ("1", 1.0)
+            assert client.get("/models/m").json()["latest"] == "1"
+            assert events(tmp_path, 2) == []  # not even loaded yet
+        finally:
+            gate.touch()
         wait_for(lambda: predict(client)[0] == "2", 10, "version 2 after its load")
         assert events(tmp_path, 2)[:2] == ["load", "predict 0.0"]
 
@@ -225,3 +229,64 @@ def test_an_onnx_model_larger_than_the_budget_is_refused_and_evicts_nothing(
         assert client.get("/models/small").json()["versions"][0]["state"] == "ready"
         cache = client.get("/admin/cache", headers=AUTH).json()
         assert [entry["name"] for entry in cache["entries"]] == ["small"]
+
+
+def test_unmatched_paths_share_one_metric_label(client: httpx.Client) -> None:
+    """Raw paths never become label values: a scanner probing random paths must not grow the
+    metrics without bound."""
+    probes = [f"/probe-{n}/x{n}" for n in range(5)] + ["/models/mlp/1/nonsense"]
+    for path in probes:
+        assert client.get(path).status_code == 404
+    scrape = client.get("/metrics").text
+    for path in probes:
+        assert path not in scrape
+    unmatched = [
+        line
+        for line in scrape.splitlines()
+        if line.startswith("multiserve_http_requests_total{")
+        and 'route="unmatched"' in line
+        and 'status="404"' in line
+    ]
+    assert len(unmatched) == 1, unmatched
+    assert float(unmatched[0].rsplit(" ", 1)[1]) >= len(probes)
+
+
+def test_a_bad_request_in_a_batch_fails_alone(
+    start_server: StartServer, tmp_path: Path, npz_registry: BackendRegistry
+) -> None:
+    """A request that passes every check but makes the model raise (NaN here) breaks the
+    batched call it shares: each of its requests is then run alone, so only it fails."""
+    root = tmp_path / "models"
+    add_version(
+        root, 1, 3.0, max_batch_size=8, predict_delay_s=0.5, journal=journal_of(tmp_path, 1)
+    )
+    server = start_server(root, npz_registry)
+    with server.client() as client:
+        assert predict(client) == ("1", 3.0)
+    rows = [[float(n), 1.0] for n in range(2, 9)]
+    rows[3] = [float("nan"), 1.0]
+
+    def ask(row: list[float]) -> httpx.Response:
+        # .npy carries NaN (JSON cannot): the request passes every check of the server.
+        stream = io.BytesIO()
+        np.save(stream, np.asarray([row], np.float32))
+        with server.client() as own:
+            return own.post(
+                "/models/m/predict",
+                content=stream.getvalue(),
+                headers={"content-type": "application/x-npy"},
+            )
+
+    with ThreadPoolExecutor(8) as pool:
+        blocker = pool.submit(ask, [1.0, 1.0])  # holds the worker while the others queue
+        wait_for(lambda: events(tmp_path, 1).count("predict 1.0") == 2, 10, "the blocker")
+        answers = list(pool.map(ask, rows))
+        assert blocker.result().status_code == 200
+    for row, answer in zip(rows, answers, strict=True):
+        if np.isnan(row[0]):
+            assert error_of(answer, 500)["code"] == "prediction_failed"
+        else:
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["outputs"]["y"] == [[row[0] * 3.0, 3.0]]
+    # The shared call was tried (and broke) before the requests ran alone.
+    assert any("rows=" in event for event in events(tmp_path, 1)), events(tmp_path, 1)
