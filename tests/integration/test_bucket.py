@@ -214,7 +214,9 @@ def test_uploaded_version_is_swapped_in_under_load_without_a_failed_request(
             for version in (2, 3, 4):
                 s3.put(f"m/{version}/model.onnx", scaled_onnx_bytes(float(version), 128 * 1024))
                 wait_for(functools.partial(serves, client, str(version)), 15, f"v{version}")
-            time.sleep(0.3)
+            # Load after the last swap too: 20 more answers, however long they take.
+            answered = len(answers)
+            wait_for(lambda: len(answers) >= answered + 20, 20, "answers after the last swap")
         finally:
             stop.set()
             for thread in threads:
