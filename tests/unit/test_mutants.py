@@ -4,12 +4,19 @@ what its message says (messages are part of the interface: clients and operators
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import io
+import logging
+import threading
+import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from multiserve import codecs, npy, policy
+from multiserve import batching, codecs, npy, policy
 from multiserve.cache import CacheFull, ModelCache
 from multiserve.catalog import LATEST, Catalog, VersionRecord
 from multiserve.errors import (
@@ -23,7 +30,8 @@ from multiserve.errors import (
     VersionNotFound,
     VersionSettling,
 )
-from multiserve.types import ModelMetadata, TensorSpec
+from multiserve.types import Array, ModelMetadata, TensorSpec
+from tests.unit.test_batching import Doubler, job, queued_while_blocked, until
 
 
 def record(version: int, **fields: object) -> VersionRecord:
@@ -383,3 +391,420 @@ def test_encode_json_and_npy() -> None:
     with pytest.raises(InvalidInput) as unknown:
         codecs.encode_npy(two, "w")
     assert unknown.value.message == "unknown output 'w'; outputs: y, z"
+
+
+def test_content_types_with_several_parameters_are_read_by_their_first_part() -> None:
+    assert codecs.body_kind("application/json; charset=utf-8; q=1") == codecs.JSON
+
+
+def test_dumps_writes_float32_arrays_at_their_own_precision() -> None:
+    # orjson's numpy mode writes a float32 as the shortest float32 text; through tolist()
+    # it would be widened to float64 first (0.10000000149011612).
+    assert codecs.dumps({"y": np.asarray([0.1], np.float32)}) == b'{"y":[0.1]}'
+
+
+# --- policy, second pass ------------------------------------------------------------------
+
+
+def test_a_newer_version_of_a_hot_model_is_staged_an_older_one_is_not() -> None:
+    old = policy.reconcile(Catalog(), [record(2)], 0.0, 0.0, [], {}).catalog
+    loaded = [("m", 2)]
+    newer = policy.reconcile(old, [record(2), record(3)], 0.0, 0.0, loaded, {})
+    assert [r.key for r in newer.staged] == [("m", 3)]
+    older = policy.reconcile(old, [record(1), record(2)], 0.0, 0.0, loaded, {})
+    assert older.staged == []
+
+
+def test_new_files_for_the_served_but_unloaded_version_are_not_staged() -> None:
+    # v1 loaded, v2 the latest (available, cold): new files for v2 make it latest at once.
+    old = policy.reconcile(Catalog(), [record(1), record(2)], 0.0, 0.0, [], {}).catalog
+    changed = dataclasses.replace(record(2), fingerprint="new")
+    result = policy.reconcile(old, [record(1), changed], 0.0, 0.0, [("m", 1)], {})
+    assert result.staged == []
+
+
+def test_a_failed_version_is_not_restaged_by_every_scan() -> None:
+    old = policy.reconcile(Catalog(), [record(1), record(2)], 0.0, 0.0, [], {}).catalog
+    failures = {("m", 2, "f2"): ModelLoadFailed("boom")}
+    again = policy.reconcile(old, [record(1), record(2)], 0.0, 0.0, [("m", 1)], failures)
+    assert again.staged == []
+
+
+def test_startup_pending_phrases() -> None:
+    catalog = Catalog.from_records(
+        [
+            record(1, settled=False),
+            record(2, settled=False),
+            VersionRecord("n", 4, Path("n/4"), "onnx", "model.onnx", fingerprint="g"),
+        ]
+    )
+    pending = policy.startup_pending(catalog, [("m", 2), ("m", 1)], [("n", 4)], set(), set())
+    assert pending == [
+        "settling: m version 1, m version 2",
+        "loading pinned: n version 4",
+    ]
+
+
+# --- cache and catalog, second pass -------------------------------------------------------
+
+
+def test_cache_messages_for_unbounded_slots_and_putting_without_evicting() -> None:
+    cache: ModelCache[str, int] = ModelCache(max_bytes=100)
+    cache.put("p", 0, 60)
+    cache.pin("p")
+    with pytest.raises(CacheFull) as caught:
+        cache.victims("x", 50)
+    assert str(caught.value).endswith("of the 100 byte budget and 1 of unbounded slots")
+    cache.unpin("p")
+    with pytest.raises(CacheFull) as refused:
+        cache.put("x", 0, 50)
+    assert str(refused.value) == "evict the victims before putting"
+    with pytest.raises(ValueError, match="0 means") as negative:
+        ModelCache(max_bytes=-1)
+    assert str(negative.value) == "cache bounds must be >= 0 (0 means unbounded)"
+
+
+def test_catalog_models_know_their_names_and_an_empty_model_has_no_latest() -> None:
+    from types import MappingProxyType
+
+    from multiserve.catalog import ModelRecord
+
+    assert Catalog.from_records([record(1)]).model("m").name == "m"
+    empty = Catalog(MappingProxyType({"m": ModelRecord("m", MappingProxyType({}))}))
+    with pytest.raises(VersionNotFound) as caught:
+        empty.candidates("m", LATEST)
+    assert caught.value.message == "model 'm' has no versions"
+
+
+# --- npy ------------------------------------------------------------------------------------
+
+
+def npy_with_version(array: np.ndarray, major: int) -> bytes:
+    """``array`` as an .npy file of format ``major``.0 (numpy writes 1.0 unless it must)."""
+    v1 = npy.save(array)
+    header_length = int.from_bytes(v1[8:10], "little")
+    header = v1[10 : 10 + header_length]
+    if major == 1:
+        return v1
+    return (
+        b"\x93NUMPY"
+        + bytes([major, 0])
+        + len(header).to_bytes(4, "little")
+        + header
+        + v1[10 + header_length :]
+    )
+
+
+@pytest.mark.parametrize("major", [1, 2, 3])
+def test_plain_bodies_are_read_in_place_whatever_the_format_version(major: int) -> None:
+    """The fast path: the array is a read-only view of the body (np.load would copy it into a
+    writeable array): the contract that makes a large request cost no copy."""
+    array = np.arange(6, dtype=np.float32).reshape(2, 3)
+    loaded = npy.load(npy_with_version(array, major))
+    assert loaded.tolist() == array.tolist()
+    assert not loaded.flags.writeable
+    empty = npy.load(npy_with_version(np.zeros((0, 3), np.float32), major))
+    assert empty.shape == (0, 3)
+    assert not empty.flags.writeable
+
+
+def test_bodies_numpy_must_judge_go_to_numpy() -> None:
+    array = np.arange(4, dtype=np.float32)
+    body = npy.save(array)
+    trailing = npy.load(body + b"\x00\x00\x00\x00")  # numpy's answer: the array, a copy
+    assert trailing.tolist() == array.tolist()
+    assert trailing.flags.writeable
+    with pytest.raises(ValueError, match="expected 16 bytes"):
+        npy.load(body[:-4])  # truncated
+    fortran = io.BytesIO()
+    np.save(fortran, np.asfortranarray(np.ones((2, 2), np.float32)))
+    loaded = npy.load(fortran.getvalue())
+    assert loaded.flags.writeable  # numpy's own reader answered
+    archive = io.BytesIO()
+    np.savez(archive, a=array)
+    with pytest.raises(ValueError, match="npz") as caught:
+        npy.load(archive.getvalue())
+    assert str(caught.value) == "an .npz archive, not a single array"
+
+
+def test_object_arrays_are_refused_as_numpy_refuses_them() -> None:
+    with pytest.raises(ValueError, match="allow_pickle=False"):
+        npy.save(np.array([{"a": 1}], dtype=object))
+
+
+# --- batching -------------------------------------------------------------------------------
+
+
+def sig(rows: int, width: int = 1) -> batching._Shape:
+    return ((("x", np.dtype(np.float32), (width,)),), rows)
+
+
+def test_signature_of_jobs_that_can_share_a_call() -> None:
+    x = np.zeros((3, 2), np.float32)
+    wide = np.zeros((3, 4), np.int64)
+    assert batching._signature({"x": x, "w": wide}) == (
+        (("x", np.dtype(np.float32), (2,)), ("w", np.dtype(np.int64), (4,))),
+        3,
+    )
+    assert batching._signature({}) is None
+    assert batching._signature({"s": np.zeros((), np.float32)}) is None  # a scalar
+    assert batching._signature({"x": x, "y": np.zeros((2, 2), np.float32)}) is None
+
+
+def test_batch_end_groups_runs_of_one_signature_up_to_max_rows() -> None:
+    same = [sig(1), sig(1), sig(1), sig(2, width=2)]
+    assert batching._batch_end(same, 0, 8) == 3  # the other signature starts a new call
+    assert batching._batch_end(same, 1, 8) == 3
+    assert batching._batch_end(same, 3, 8) == 4
+    assert batching._batch_end(same, 0, 2) == 2  # two rows at most
+    assert batching._batch_end(same, 1, 1) == 2  # max 1: one job per call
+    assert batching._batch_end([None, sig(1)], 0, 8) == 1
+    assert batching._batch_end([sig(9), sig(1)], 0, 8) == 1  # too many rows alone
+    # Jobs of no rows fit anywhere: behind a full first job, and with max_rows 1.
+    assert batching._batch_end([sig(4), sig(0)], 0, 4) == 2
+    assert batching._batch_end([sig(1), sig(0)], 0, 1) == 1
+
+
+def test_check_batchable_message() -> None:
+    fixed = ModelMetadata(
+        inputs=(TensorSpec("x", "float32", (2, 3)),), outputs=(TensorSpec("y", "float32", (2,)),)
+    )
+    batching.check_batchable(fixed, 1)
+    with pytest.raises(ValueError, match="max_batch_size") as caught:
+        batching.check_batchable(fixed, 4)
+    assert str(caught.value) == (
+        "max_batch_size = 4 needs a dynamic first dimension (-1) on every input, and input 'x' "
+        "has shape [2, 3]; set max_batch_size = 1 for this model"
+    )
+
+
+def test_dispatcher_settings_are_checked_and_its_threads_named_and_daemonic() -> None:
+    async def main() -> None:
+        for kwargs, message in (
+            ({"max_batch_size": 0}, "max_batch_size must be at least 1"),
+            ({"threads": 0}, "threads must be at least 1"),
+        ):
+            with pytest.raises(ValueError, match="at least 1") as caught:
+                batching.Dispatcher("m", Doubler(), **kwargs)  # type: ignore[arg-type]
+            assert str(caught.value) == message
+        dispatcher = batching.Dispatcher("named", Doubler(), threads=2)
+        workers = [t for t in threading.enumerate() if t.name.startswith("multiserve-named-")]
+        assert sorted(t.name for t in workers) == ["multiserve-named-0", "multiserve-named-1"]
+        assert all(t.daemon for t in workers)  # a stuck model never keeps the process alive
+        dispatcher.close()
+        with pytest.raises(RuntimeError) as closed:
+            dispatcher.submit(job([[1.0]]), lambda: None)
+        assert str(closed.value) == "dispatcher of named is closed"
+        dispatcher.join(5)
+
+    asyncio.run(main())
+
+
+def test_a_dispatcher_can_be_made_outside_its_loop() -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        dispatcher = batching.Dispatcher("m", Doubler(), loop=loop)
+
+        async def ask() -> object:
+            return await dispatcher.submit(job([[2.0]]), lambda: None)
+
+        assert loop.run_until_complete(ask()) == [[4.0]]
+        dispatcher.close()
+        dispatcher.join(5)
+    finally:
+        loop.close()
+
+
+def test_join_gives_up_after_its_timeout() -> None:
+    async def main() -> None:
+        gate = threading.Event()
+        model = Doubler(gate)
+        dispatcher = batching.Dispatcher("m", model)
+        dispatcher.submit(job([[1.0]]), lambda: None)
+        await until(model.entered.is_set, "the worker to be held")
+        dispatcher.close()
+        dispatcher.join(0.01)  # the worker is held: join returns anyway
+        gate.set()
+        dispatcher.join(5)
+
+    asyncio.run(main())
+
+
+def test_default_is_one_call_per_job_and_two_rows_already_batch() -> None:
+    async def main(batch: int | None = None) -> list[int]:
+        gate = threading.Event()
+        model = Doubler(gate)
+        dispatcher = (
+            batching.Dispatcher("m", model)  # the default
+            if batch is None
+            else batching.Dispatcher("m", model, max_batch_size=batch)
+        )
+        blocker = dispatcher.submit(job([[0.0]]), lambda: None)
+        await until(model.entered.is_set, "the worker to be held")
+        futures = [dispatcher.submit(job([[float(i)]]), lambda: None) for i in range(2)]
+        gate.set()
+        await blocker
+        assert await asyncio.gather(*futures) == [[[0.0]], [[2.0]]]
+        dispatcher.close()
+        return model.calls[1:]
+
+    assert asyncio.run(main()) == [1, 1]
+    assert asyncio.run(main(2)) == [2]
+
+
+def test_a_worker_takes_at_most_max_jobs_per_wake_up() -> None:
+    bodies = [[[float(i)]] for i in range(batching.MAX_JOBS + 8)]
+    results, _, model = queued_while_blocked(64, bodies)
+    assert results == [[[2.0 * i]] for i in range(len(bodies))]
+    assert model.calls == [batching.MAX_JOBS, 8]
+
+
+@pytest.mark.parametrize("max_batch_size", [1, 4])
+def test_jobs_after_a_cancelled_or_failing_one_still_run(max_batch_size: int) -> None:
+    def bad_prepare() -> tuple[batching.Inputs, batching.Finish[object]]:
+        raise ValueError("cannot decode")
+
+    async def main() -> tuple[list[object], int]:
+        gate = threading.Event()
+        model = Doubler(gate)
+        dispatcher = batching.Dispatcher("m", model, max_batch_size=max_batch_size)
+        released = 0
+
+        def release() -> None:
+            nonlocal released
+            released += 1
+
+        blocker = dispatcher.submit(job([[0.0]]), release)
+        await until(model.entered.is_set, "the worker to be held")
+        doomed = dispatcher.submit(job([[5.0]]), release)
+        failing: asyncio.Future[object] = dispatcher.submit(bad_prepare, release)
+        after = dispatcher.submit(job([[3.0]]), release)
+        doomed.cancel()
+        gate.set()
+        await blocker
+        results = await asyncio.wait_for(asyncio.gather(failing, after, return_exceptions=True), 5)
+        await until(lambda: released == 4, "every release")
+        dispatcher.close()
+        return list(results), released
+
+    (failed, answer), released = asyncio.run(main())
+    assert isinstance(failed, ValueError)
+    assert answer == [[6.0]]
+    assert released == 4
+
+
+@pytest.mark.parametrize("max_batch_size", [1, 4])
+def test_a_finished_answer_is_handed_back_before_a_slow_one_behind_it(
+    max_batch_size: int,
+) -> None:
+    """Answers go back about every FLUSH_S of work: the first job's client does not wait for
+    a slow job the worker took with it, and later jobs still run."""
+
+    async def main() -> None:
+        first_done = threading.Event()
+        release_slow = threading.Event()
+        held = threading.Event()
+
+        def model(inputs: Mapping[str, Array]) -> dict[str, Array]:
+            x = inputs["x"]
+            if x[0, 0] == 0:  # the blocker
+                held.set()
+                release_slow.wait(5)
+            elif x[0, 0] == 1:
+                time.sleep(0.005)  # longer than FLUSH_S: a hand-back is due after it
+            elif x[0, 0] == 2:
+                first_done.wait(5)  # the slow one: waits until the first answer is back
+            return {"y": x * 2}
+
+        dispatcher = batching.Dispatcher("m", model, max_batch_size=max_batch_size)
+        blocker = dispatcher.submit(job([[0.0]]), lambda: None)
+        await until(held.is_set, "the worker to be held")
+        # Different widths: with batching on, each still runs in its own call.
+        first = dispatcher.submit(job([[1.0]]), lambda: None)
+        slow = dispatcher.submit(job([[2.0, 2.0]]), lambda: None)
+        last = dispatcher.submit(job([[3.0]]), lambda: None)
+        release_slow.set()
+        await blocker
+        assert await asyncio.wait_for(first, 5) == [[2.0]]
+        first_done.set()
+        assert await asyncio.wait_for(slow, 5) == [[4.0, 4.0]]
+        assert await asyncio.wait_for(last, 5) == [[6.0]]
+        dispatcher.close()
+
+    asyncio.run(main())
+
+
+def test_outputs_checks_of_a_batched_call(caplog: pytest.LogCaptureFixture) -> None:
+    calls: list[int] = []
+
+    def per_row_sum(inputs: Mapping[str, Array]) -> dict[str, Array]:
+        calls.append(len(inputs["x"]))
+        return {"y": inputs["x"].sum(axis=1)}  # one value per row: 1-D, and right
+
+    def summed(inputs: Mapping[str, Array]) -> dict[str, Array]:
+        calls.append(len(inputs["x"]))
+        return {"y": inputs["x"].sum(axis=0)}  # not per row
+
+    async def run(predict: batching.Predict, bodies: list[list[list[float]]]) -> list[object]:
+        gate = threading.Event()
+        entered = threading.Event()
+
+        def gated(inputs: Mapping[str, Array]) -> dict[str, Array]:
+            if not entered.is_set():
+                entered.set()
+                gate.wait(5)
+                return {"y": np.zeros(len(inputs["x"]), np.float32)}
+            return predict(inputs)
+
+        dispatcher = batching.Dispatcher("m", gated, max_batch_size=8)
+        blocker = dispatcher.submit(job_1d([[0.0]]), lambda: None)
+        await until(entered.is_set, "the worker to be held")
+        futures = [dispatcher.submit(job_1d(body), lambda: None) for body in bodies]
+        gate.set()
+        await blocker
+        results: list[object] = list(await asyncio.gather(*futures))
+        dispatcher.close()
+        return results
+
+    assert asyncio.run(run(per_row_sum, [[[1.0, 2.0]], [[3.0, 4.0]]])) == [[3.0], [7.0]]
+    assert calls == [2]  # one call, its 1-D outputs accepted
+    calls.clear()
+    with caplog.at_level(logging.WARNING, "multiserve.batching"):
+        assert asyncio.run(run(summed, [[[1.0], [2.0]], [[3.0], [4.0]]])) == [[3.0], [7.0]]
+    assert calls == [4, 2, 2]
+    assert caplog.messages == [
+        "m: a batched call of 4 rows returned outputs of another length; "
+        "running requests one by one"
+    ]
+    calls.clear()
+    # A job alone is called once, even when its outputs would not split.
+    assert asyncio.run(run(summed, [[[1.0], [2.0]]])) == [[3.0]]
+    assert calls == [2]
+
+
+def job_1d(values: list[list[float]]) -> batching.Prepare[list[float]]:
+    def prepare() -> tuple[batching.Inputs, batching.Finish[list[float]]]:
+        def finish(outputs: batching.Outputs) -> list[float]:
+            result: list[float] = np.atleast_1d(outputs["y"]).tolist()
+            return result
+
+        return {"x": np.array(values, dtype=np.float32)}, finish
+
+    return prepare
+
+
+def test_a_failing_release_is_logged_and_the_answer_still_given(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def release() -> None:
+        raise RuntimeError("release failed")
+
+    async def main() -> object:
+        dispatcher = batching.Dispatcher("m", Doubler())
+        answer = await dispatcher.submit(job([[1.0]]), release)
+        dispatcher.close()
+        return answer
+
+    with caplog.at_level(logging.ERROR, "multiserve.batching"):
+        assert asyncio.run(main()) == [[2.0]]
+    assert caplog.messages == ["releasing a finished job failed"]
