@@ -214,7 +214,9 @@ def test_uploaded_version_is_swapped_in_under_load_without_a_failed_request(
             for version in (2, 3, 4):
                 s3.put(f"m/{version}/model.onnx", scaled_onnx_bytes(float(version), 128 * 1024))
                 wait_for(functools.partial(serves, client, str(version)), 15, f"v{version}")
-            time.sleep(0.3)
+            # Load after the last swap too: 20 more answers, however long they take.
+            answered = len(answers)
+            wait_for(lambda: len(answers) >= answered + 20, 20, "answers after the last swap")
         finally:
             stop.set()
             for thread in threads:
@@ -419,3 +421,110 @@ def test_a_bucket_unreachable_at_start_is_served_once_it_answers(
         s3.restart()
         wait_for(lambda: client.get("/readyz").status_code == 200, 30, "ready")
         assert client.post("/models/mlp/predict", json={"inputs": X}).status_code == 200
+
+
+def bucket_repository(s3: S3, cache_dir: Path, settle_window_s: float = 60) -> BucketRepository:
+    """The repository the server builds for an s3:// root, driven by hand: one `scan` is one
+    poll of the listing."""
+    from multiserve.backends import BackendRegistry
+    from multiserve.repository.bucket import BucketOptions
+    from multiserve.repository.disk_cache import DiskCache
+
+    options = BucketOptions(endpoint=s3.url, region="us-east-1", allow_http=True)
+    return BucketRepository(
+        f"s3://{s3.bucket}",
+        BackendRegistry(),
+        DiskCache(cache_dir, 0),
+        options,
+        poll_interval_s=60,
+        settle_window_s=settle_window_s,
+    )
+
+
+def test_a_version_is_complete_only_when_two_consecutive_listings_agree(
+    s3: S3, tmp_path: Path
+) -> None:
+    repository = bucket_repository(s3, tmp_path / "cache")
+    s3.put("m/1/model.onnx", scaled_onnx_bytes(1.0))
+    [first] = repository.scan()
+    assert not first.marker  # new objects, one listing: not known to be whole
+    s3.put("m/1/warmup.json", b'{"inputs": [[1, 2, 3, 4]]}')
+    [second] = repository.scan()
+    assert not second.marker  # listed twice, but differently: still being uploaded
+    [third] = repository.scan()
+    assert third.marker  # the same twice in a row: complete
+    assert third.fingerprint == second.fingerprint != first.fingerprint
+
+
+def test_a_downloaded_version_directory_is_whole_whenever_it_exists(s3: S3, tmp_path: Path) -> None:
+    """Downloads go to a temporary name and are renamed into place when complete: a watcher
+    that looks at the version's directory all through the download never sees part of it."""
+    repository = bucket_repository(s3, tmp_path / "cache", settle_window_s=0)
+    data = scaled_onnx_bytes(1.0, 32 * 1024 * 1024)
+    s3.put("m/1/model.onnx", data)
+    s3.put("m/1/warmup.json", b'{"inputs": [[1, 2, 3, 4]]}')
+    [record] = repository.scan()
+    seen: list[tuple[int, ...]] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            try:
+                sizes = tuple(sorted(p.stat().st_size for p in record.path.iterdir()))
+            except FileNotFoundError:
+                continue  # not there (yet), or a file vanished between listing and stat
+            seen.append(sizes)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        assert repository.materialize(record) == record.path
+    finally:
+        done.set()
+        watcher.join(timeout=10)
+    whole = tuple(sorted((len(data), len(b'{"inputs": [[1, 2, 3, 4]]}'))))
+    assert set(seen) <= {whole}, sorted(set(seen))[:5]
+    assert (record.path / "model.onnx").read_bytes() == data
+    assert not list((tmp_path / "cache").glob(".partial-*"))
+
+
+def test_a_download_cut_short_by_a_crash_is_cleaned_up_at_start(tmp_path: Path) -> None:
+    from multiserve.repository.disk_cache import DiskCache
+
+    cache = DiskCache(tmp_path / "cache", 0)
+    staging = cache.staging()
+    (staging / "model.onnx").write_bytes(b"half a model")
+    assert cache.entries() == []  # a download in progress is no cached version
+    DiskCache(tmp_path / "cache", 0)  # the next start
+    assert not staging.exists()
+
+
+def test_a_checksum_sidecar_in_the_bucket_is_verified(
+    bucket_server: Callable[..., RunningServer], s3: S3
+) -> None:
+    import hashlib
+
+    data = scaled_onnx_bytes(2.0)
+    s3.put("m/1/model.onnx", data)
+    s3.put("m/1/model.onnx.sha256", b"0" * 64 + b"  model.onnx\n")
+    s3.put("m/1/READY", b"")
+    server = bucket_server()
+    with server.client() as client:
+
+        def state() -> dict[str, Any]:
+            response = client.get("/models/m")
+            if response.status_code != 200:
+                return {}
+            found: dict[str, Any] = response.json()["versions"][0]
+            return found
+
+        wait_for(lambda: bool(state()), 10, "m in the listing")
+        response = client.post("/models/m/predict", json={"inputs": X})
+        assert response.status_code == 503, response.text
+        assert "does not match model.onnx.sha256" in state()["error"]
+        s3.put("m/1/model.onnx.sha256", hashlib.sha256(data).hexdigest().encode() + b"\n")
+        wait_for(
+            lambda: client.post("/models/m/predict", json={"inputs": X}).status_code == 200,
+            10,
+            "the verified version",
+        )

@@ -49,6 +49,9 @@ def shared(example_models: Path) -> Iterator[RunningServer]:
         overrides={"models": str(example_models), "settle_window_s": 0, "admin_token": ADMIN_TOKEN},
     )
     server = RunningServer(settings, BackendRegistry()).start()
+    # Ready (backends imported, versions settled) before the first test asks: on a busy
+    # machine start-up can take seconds, and test_health_and_server_metadata asserts ready.
+    wait_for(lambda: httpx.get(f"{server.url}/readyz").status_code == 200, 60, "readiness")
     yield server
     server.stop()
 

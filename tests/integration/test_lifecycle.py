@@ -165,8 +165,9 @@ def test_marker_file_makes_a_version_loadable_at_once(
         assert served_version(client) == "1"
         (scaled_repo / "m" / "2").mkdir()
         (scaled_repo / "m" / "2" / "model.onnx").write_bytes(scaled_onnx_bytes(2.0))
-        time.sleep(0.3)
-        assert served_version(client) == "1"  # a 60 s settle window: not yet
+        # Seen by a scan, and settling: a 60 s settle window, so not served yet.
+        wait_for(lambda: version_state(client, "m", "2").get("state") == "settling", 5, "a scan")
+        assert served_version(client) == "1"
         (scaled_repo / "m" / "2" / "READY").touch()
         wait_for(lambda: served_version(client) == "2", 5, "version 2 after its marker")
 
@@ -250,8 +251,9 @@ def test_deleting_a_version_drains_it_then_404s(
 ) -> None:
     write_npz_model(tmp_path / "slow" / "1", np.eye(2))
     write_npz_model(tmp_path / "slow" / "2", np.eye(2) * 2)
+    journal = tmp_path / "journal.txt"
     (tmp_path / "slow" / "config.toml").write_text(
-        "predict_delay_s = 1.0\nversion_policy = 'all'\n"
+        f"predict_delay_s = 1.0\nversion_policy = 'all'\njournal = '{journal}'\n"
     )
     server = start_server(mark_ready(tmp_path), npz_registry, settle_window_s=0.2)
     with server.client() as client:
@@ -265,7 +267,8 @@ def test_deleting_a_version_drains_it_then_404s(
             )
         )
         running.start()
-        time.sleep(0.3)
+        # The request is running inside the model (the journal says so) before the delete.
+        wait_for(lambda: "predict 1.0" in journal.read_text(), 10, "the request to start")
         shutil.rmtree(tmp_path / "slow" / "2")
         wait_for(
             lambda: (

@@ -129,8 +129,14 @@ def test_event_loop_answers_while_a_model_loads_and_predicts(
                 f"{server.url}/models/slow/predict", json={"inputs": [[1, 2]]}, timeout=30
             )
         )
-        time.sleep(0.3)
+        wait_for(
+            lambda: client.get("/models/slow").json()["versions"][0]["state"] == "loading",
+            10,
+            "the slow load to start",
+        )
         # A blocked loop would hold these until the load and the prediction finish (3 s).
+        # The 1 s bound: /healthz does no work, so even on a busy 2-core machine it answers
+        # in milliseconds; only a loop blocked by the 1.5 s load or prediction reaches it.
         for _ in range(5):
             started = time.monotonic()
             assert client.get("/healthz").status_code == 200

@@ -4,7 +4,6 @@ are hot-swapped under load."""
 from __future__ import annotations
 
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -209,6 +208,7 @@ def test_a_predictor_is_hot_swapped_under_load_without_a_failed_request(
     server = start_server(tmp_path, allow_python_predictors=True)
     failures: list[str] = []
     versions: set[int] = set()
+    answers: list[int] = []  # one per good answer
     stop = threading.Event()
 
     def hammer() -> None:
@@ -221,6 +221,7 @@ def test_a_predictor_is_hot_swapped_under_load_without_a_failed_request(
                     failures.append(f"{answer.status_code} {answer.text}")
                 else:
                     versions.add(answer.json()["version"])
+                    answers.append(n)
 
     with server.client() as client:
         assert client.post("/models/swapped/predict", json=0).status_code == 200
@@ -231,9 +232,9 @@ def test_a_predictor_is_hot_swapped_under_load_without_a_failed_request(
             wait_for(lambda: 1 in versions, 10, "requests on version 1")
             write_predictor(tmp_path, "swapped", 2, source)
             wait_for(lambda: 2 in versions, 20, "requests on version 2")
-            started = time.monotonic()
-            while time.monotonic() - started < 0.3:  # a little load after the swap too
-                time.sleep(0.05)
+            # A little load after the swap too: 50 more answers, however long they take.
+            answered = len(answers)
+            wait_for(lambda: len(answers) >= answered + 50, 20, "answers after the swap")
         finally:
             stop.set()
             for thread in threads:

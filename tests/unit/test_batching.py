@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import pytest
@@ -21,8 +21,10 @@ class Doubler:
     def __init__(self, gate: threading.Event | None = None) -> None:
         self.calls: list[int] = []  # rows per call
         self.gate = gate
+        self.entered = threading.Event()  # a call has started (and waits at the gate)
 
     def __call__(self, inputs: Mapping[str, Array]) -> dict[str, Array]:
+        self.entered.set()
         if self.gate is not None:
             self.gate.wait(5)
         x = inputs["x"]
@@ -43,18 +45,13 @@ def job(values: list[list[float]]) -> batching.Prepare[list[list[float]]]:
     return prepare
 
 
-async def run_jobs(
-    dispatcher: Dispatcher, bodies: list[list[list[float]]]
-) -> tuple[list[object], int]:
-    released = 0
-
-    def release() -> None:
-        nonlocal released
-        released += 1
-
-    futures = [dispatcher.submit(job(body), release) for body in bodies]
-    results = await asyncio.gather(*futures, return_exceptions=True)
-    return list(results), released
+async def until(condition: Callable[[], bool], what: str) -> None:
+    """Wait, without blocking the loop, until ``condition()`` holds: at most 10 s, generous on
+    a busy machine, since it only bounds a test that is failing anyway."""
+    deadline = asyncio.get_running_loop().time() + 10
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.001)
 
 
 def queued_while_blocked(
@@ -68,12 +65,18 @@ def queued_while_blocked(
         model = Doubler(gate)
         dispatcher = Dispatcher("m", model, max_batch_size=max_batch_size)
         blocker = dispatcher.submit(job([[0.0]]), lambda: None)
-        await asyncio.sleep(0.05)  # the worker is now waiting on the gate inside the blocker
-        task = asyncio.ensure_future(run_jobs(dispatcher, bodies))
-        await asyncio.sleep(0.05)
+        await until(model.entered.is_set, "the worker to wait inside the blocker")
+        released = 0
+
+        def release() -> None:
+            nonlocal released
+            released += 1
+
+        # Queued at once (submit does not wait), all while the worker is held in the blocker.
+        futures = [dispatcher.submit(job(body), release) for body in bodies]
         gate.set()
         await blocker
-        results, released = await task
+        results: list[object] = list(await asyncio.gather(*futures, return_exceptions=True))
         dispatcher.close()
         dispatcher.join(5)
         model.calls.pop(0)  # the blocker's
@@ -125,14 +128,16 @@ def test_outputs_of_the_wrong_length_fall_back_to_one_by_one() -> None:
 
     async def main() -> list[object]:
         gate = threading.Event()
+        entered = threading.Event()
 
         def gated(inputs: Mapping[str, Array]) -> dict[str, Array]:
+            entered.set()
             gate.wait(5)
             return summed(inputs)
 
         dispatcher = Dispatcher("m", gated, max_batch_size=4)
         blocker = dispatcher.submit(job([[0.0]]), lambda: None)
-        await asyncio.sleep(0.05)
+        await until(entered.is_set, "the worker to wait inside the blocker")
         futures = [dispatcher.submit(job([[1.0], [2.0]]), lambda: None) for _ in range(2)]
         gate.set()
         await blocker
@@ -185,15 +190,12 @@ def test_a_cancelled_job_is_skipped_and_still_released() -> None:
             released += 1
 
         blocker = dispatcher.submit(job([[0.0]]), release)
-        await asyncio.sleep(0.05)
+        await until(model.entered.is_set, "the worker to wait inside the blocker")
         doomed = dispatcher.submit(job([[5.0]]), release)
         doomed.cancel()
         gate.set()
         await blocker
-        for _ in range(100):
-            if released == 2:
-                break
-            await asyncio.sleep(0.01)
+        await until(lambda: released == 2, "the cancelled job's release")
         dispatcher.close()
         dispatcher.join(5)
         return released, model.calls
