@@ -364,11 +364,14 @@ def test_every_error_status_with_the_http_faces_message(troubled: Any) -> None:
             request.inputs.add(name="x", datatype="FP32", shape=[1, 4])
             request.raw_input_contents.append(ones.tobytes())
             error = status_of(lambda: stub.ModelInfer(request))
+            # Both faces wait settle_wait_s (5 s) for the version before answering: httpx's
+            # default timeout is also 5 s, so give the HTTP twin room.
             response = httpx.post(
                 server.url + "/v2/models/small/versions/2/infer",
                 json={
                     "inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1] * 4}]
                 },
+                timeout=30,
             )
             assert error.code == grpc.StatusCode.UNAVAILABLE
             assert error.details == response.json()["error"]
