@@ -86,8 +86,9 @@ class OperatorState:
 
     @classmethod
     def from_json(cls, data: Any, dropped: list[str] | None = None) -> OperatorState:
-        """The state in a parsed file; ValueError if it is not a state file at all. Entries
-        that the admin API would refuse are left out, each told in ``dropped``."""
+        """The state in a parsed file; ValueError if it is not a state file (its structure is
+        not a state's). Entries whose values the admin API would refuse are left out, each
+        told in ``dropped``."""
         dropped = [] if dropped is None else dropped
         if not isinstance(data, dict) or data.get("format") != _FORMAT:
             raise ValueError(f"not a multiserve state file of format {_FORMAT}")
@@ -96,8 +97,9 @@ class OperatorState:
             raise ValueError("'pins' must be a list and 'labels' an object")
         pins = set()
         for pin in raw_pins:
-            name = pin.get("name") if isinstance(pin, dict) else None
-            version = _version(pin.get("version")) if isinstance(pin, dict) else None
+            if not isinstance(pin, dict) or "name" not in pin or "version" not in pin:
+                raise ValueError(f"a pin is not an object with a name and a version: {pin!r:.80}")
+            name, version = pin["name"], _version(pin["version"])
             if not isinstance(name, str) or not is_valid_name(name) or version is None:
                 dropped.append(f"pin {_shown(pin)} (not a model name and version number)")
                 continue
