@@ -112,7 +112,7 @@ async def predict(
             decode, wants_npy, output, timeout = _request(scope, limit)
         except UnsupportedMediaType as refused:  # unless its model takes any payload
             return await _payload(
-                server, scope, receive, send, name, selector, refused, reservation
+                server, scope, receive, send, name, selector, refused, reservation, timeout
             )
         deadline = None
         if timeout or admission.request_timeout_s:
@@ -140,7 +140,9 @@ async def predict(
                     watch = receive if admission.queued else None
                     content = await admission.wait(record, future, deadline, watch)
         except TensorsNotServed:  # its model answers payloads (a Python predictor)
-            return await payload.respond(server, scope, send, name, selector, body, None)
+            return await payload.respond(
+                server, scope, receive, send, name, selector, body, None, deadline
+            )
     except asyncio.CancelledError:
         # Only a shutdown cancels a request (uvicorn, at shutdown_timeout_s): a JSON 503
         # rather than uvicorn's plain-text 500. Nothing was sent yet on this path.
@@ -179,13 +181,19 @@ async def _payload(
     selector: str,
     refused: UnsupportedMediaType,
     reservation: Reservation,
+    asked: bytes,
 ) -> tuple[int, str]:
     """A request whose content type tensors do not come in: a payload model's, else 415."""
     if not server.scanned:
         await server.wait_scanned()
     payload.refuse_early(server, name, selector, refused)
+    deadline = None
+    if asked or server.admission.request_timeout_s:
+        deadline = server.admission.deadline(asked)
     body = await _read_body(receive, server.settings.max_request_bytes, reservation)
-    return await payload.respond(server, scope, send, name, selector, body, refused)
+    return await payload.respond(
+        server, scope, receive, send, name, selector, body, refused, deadline
+    )
 
 
 def _request(scope: Scope, limit: int) -> tuple[Decode, bool, str | None, bytes]:

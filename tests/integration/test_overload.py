@@ -23,8 +23,27 @@ from tests.npz_backend import write_npz_model
 BODY = {"inputs": [[1.0, 2.0]]}
 
 
-def slow_repo(root: Path, delay: float, name: str = "slow") -> Path:
-    write_npz_model(root / name / "1", np.eye(2, dtype=np.float32))
+PREDICTOR = """
+import time
+
+
+class Predictor:
+    def __init__(self, model_dir, config):
+        self.delay = float(config["predict_delay_s"])
+
+    def predict(self, payload):
+        time.sleep(self.delay)
+        return {"y": payload["inputs"]}
+"""
+
+
+def slow_repo(root: Path, delay: float, name: str = "slow", kind: str = "npz") -> Path:
+    """A model that takes ``delay`` per request: tensors (npz) or payloads (a predictor)."""
+    if kind == "npz":
+        write_npz_model(root / name / "1", np.eye(2, dtype=np.float32))
+    else:
+        (root / name / "1").mkdir(parents=True)
+        (root / name / "1" / "predictor.py").write_text(PREDICTOR)
     (root / name / "config.toml").write_text(f"predict_delay_s = {delay}\nwarmup = false\n")
     return root
 
@@ -105,10 +124,18 @@ def test_a_request_past_its_deadline_is_504_and_queued_ones_never_run(
     assert metric(server, "multiserve_requests_shed_total", model="slow", reason="deadline") == 4
 
 
+@pytest.mark.parametrize("kind", ["npz", "predictor"])
 def test_clients_that_went_away_while_waiting_are_not_run(
-    start_server: StartServer, tmp_path: Path, npz_registry: BackendRegistry
+    start_server: StartServer, tmp_path: Path, npz_registry: BackendRegistry, kind: str
 ) -> None:
-    server = loaded(start_server(slow_repo(tmp_path, 0.8), npz_registry, grpc_port=0))
+    server = loaded(
+        start_server(
+            slow_repo(tmp_path, 0.8, kind=kind),
+            npz_registry,
+            grpc_port=0,
+            allow_python_predictors=True,
+        )
+    )
     before = runs(server)
     host, port = server.url.removeprefix("http://").split(":")
     with ThreadPoolExecutor(1) as pool:
