@@ -118,18 +118,22 @@ class Client(threading.Thread):
         """Leave now, as a client whose user gave up: close the connection mid-request."""
         with self.lock:
             connection = self.connection
-        if connection is not None and connection.sock is not None:
-            with contextlib.suppress(OSError):
-                connection.sock.shutdown(socket.SHUT_RDWR)
+            if connection is not None and connection.sock is not None:
+                with contextlib.suppress(OSError):
+                    connection.sock.shutdown(socket.SHUT_RDWR)
 
     def run(self) -> None:
         level = self.level
         while not self.stop.is_set():
             connection = http.client.HTTPConnection(HOST, self.port, timeout=self.timeout_s)
-            with self.lock:
-                self.connection = connection
             started = time.perf_counter()
             try:
+                # Connected under the lock: once `abandon` ran, no request starts.
+                with self.lock:
+                    if self.stop.is_set():
+                        break
+                    connection.connect()
+                    self.connection = connection
                 connection.request("POST", PATH, BODY, {"content-type": "application/json"})
                 response = connection.getresponse()
                 response.read()
