@@ -171,10 +171,14 @@ class Admission:
         """The request's deadline on the loop's clock, from ``request_timeout_s`` and the
         client's ``X-Request-Timeout`` (seconds; it can only shorten the server's). None: no
         deadline. 400 for a header that is not a positive number of seconds."""
+        return self.deadline_after(_seconds(header) if header else None)
+
+    def deadline_after(self, seconds: float | None) -> float | None:
+        """The deadline on the loop's clock for a client that allows ``seconds`` (None: says
+        nothing, as most do), within ``request_timeout_s``. gRPC's own deadline comes here."""
         timeout = self.request_timeout_s or math.inf
-        if header:
-            asked = _seconds(header)
-            timeout = min(timeout, asked)
+        if seconds is not None:
+            timeout = min(timeout, max(seconds, 0.0))
         if timeout == math.inf:
             return None
         return asyncio.get_running_loop().time() + min(timeout, _LONGEST_S)

@@ -202,3 +202,34 @@ def test_a_quiet_model_is_served_while_a_hot_one_sheds(
     assert sorted(seconds for _, seconds in quiet)[len(quiet) // 2] < 0.2  # not the hot's 0.2 s
     assert hot.count(503) > 0
     assert set(hot) <= {200, 503}
+
+
+def test_grpc_calls_past_their_deadline_are_not_run(
+    start_server: StartServer, tmp_path: Path, npz_registry: BackendRegistry
+) -> None:
+    """A gRPC client's deadline (grpc-timeout) bounds the call's wait in the model's queue:
+    the queued calls are never run."""
+    import grpc
+    from tritonclient.grpc import service_pb2 as pb
+    from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
+    server = loaded(start_server(slow_repo(tmp_path, 0.8), npz_registry))
+    before = runs(server)
+    request = pb.ModelInferRequest(model_name="slow", model_version="1")
+    request.inputs.add(name="x", datatype="FP32", shape=[1, 2])
+    request.raw_input_contents.append(np.ones((1, 2), np.float32).tobytes())
+
+    def call(_: int) -> grpc.StatusCode:
+        with grpc.insecure_channel(server.grpc_target) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            try:
+                stub.ModelInfer(request, timeout=0.3)
+            except grpc.RpcError as exc:
+                return exc.code()
+            return grpc.StatusCode.OK
+
+    with ThreadPoolExecutor(4) as pool:
+        codes = list(pool.map(call, range(4)))
+    assert codes == [grpc.StatusCode.DEADLINE_EXCEEDED] * 4
+    time.sleep(1.2)
+    assert runs(server) - before == 1
