@@ -32,7 +32,7 @@ from prometheus_client import CollectorRegistry, Counter
 from multiserve.errors import MalformedRequest, MultiserveError
 
 if TYPE_CHECKING:
-    from multiserve.catalog import VersionRecord
+    from multiserve.catalog import Key, VersionRecord
     from multiserve.lifecycle import LoadedEntry
 
 logger = logging.getLogger("multiserve.admission")
@@ -133,11 +133,15 @@ class Admission:
         # Set by `admit` for the job it just let in: whether that job waits behind others
         # (read by the caller right after submitting, before any await).
         self.queued = False
+        # Per version, the jobs answered here (expired, or their client gone) that their
+        # dispatcher has not reached yet: they no longer count as waiting.
+        self._dropped: dict[Key, set[asyncio.Future[Any]]] = {}
         self.shed = Counter(
             "multiserve_requests_shed",
-            "Requests answered without being run, by model and reason: queue_full (503 at "
-            "once), deadline (504: its deadline passed while it waited), disconnected (its "
-            "client went away while it waited).",
+            "Requests answered by admission control instead of by their model, by model and "
+            "reason: queue_full (503 at once, never run), deadline (504: its deadline passed "
+            "first), disconnected (its client went away first). A request not started by then "
+            "is never run; one already running finishes, and its answer is dropped.",
             ["model", "reason"],
             registry=registry,
         )
@@ -155,7 +159,8 @@ class Admission:
         already counts it."""
         dispatcher = entry.dispatcher
         running = dispatcher.threads * dispatcher.max_batch_size
-        waiting = entry.in_flight - running
+        dropped = self._dropped.get(entry.record.key)
+        waiting = entry.in_flight - running - (len(dropped) if dropped else 0)
         self.queued = waiting > 0
         if self.max_queue and waiting > self.max_queue:
             record = entry.record
@@ -164,6 +169,18 @@ class Admission:
                 f"{record.name} version {record.version} has {self.max_queue} requests "
                 "waiting already (max_queue): retry shortly"
             )
+
+    def released(self, key: Key, future: asyncio.Future[Any]) -> None:
+        """The dispatcher is done with ``future``'s job (run, failed or skipped)."""
+        dropped = self._dropped.get(key)
+        if dropped is not None:
+            dropped.discard(future)
+            if not dropped:
+                del self._dropped[key]
+
+    def _drop(self, record: VersionRecord, future: asyncio.Future[Any], error: Exception) -> None:
+        self._dropped.setdefault(record.key, set()).add(future)
+        future.set_exception(error)
 
     # --- deadlines and disconnections ----------------------------------------------------
 
@@ -211,11 +228,13 @@ class Admission:
     def _expire(self, record: VersionRecord, future: asyncio.Future[Any]) -> None:
         if not future.done():
             self._count(record.name, "deadline")
-            future.set_exception(
+            self._drop(
+                record,
+                future,
                 DeadlineExceeded(
                     f"{record.name} version {record.version} did not answer within the "
                     "request's deadline"
-                )
+                ),
             )
 
     async def _watch(
@@ -226,7 +245,9 @@ class Admission:
         message = await receive()
         if message.get("type") == "http.disconnect" and not future.done():
             self._count(record.name, "disconnected")
-            future.set_exception(ClientGone("the client disconnected while its request waited"))
+            self._drop(
+                record, future, ClientGone("the client disconnected while its request waited")
+            )
 
     def _count(self, model: str, reason: str) -> None:
         self.shed.labels(model if self._known(model) else "", reason).inc()

@@ -312,9 +312,17 @@ class Lifecycle:
     ) -> tuple[VersionRecord, asyncio.Future[T]]:
         """Queue a job on a checked-out entry; the entry is released once the job is done."""
         try:
-            if self.admission is not None:
-                self.admission.admit(entry)  # 503 past the version's max_queue
-            future = entry.dispatcher.submit(prepare(entry), lambda: self._release(entry))
+            admission = self.admission
+            if admission is None:
+                future = entry.dispatcher.submit(prepare(entry), lambda: self._release(entry))
+            else:
+                admission.admit(entry)  # 503 past the version's max_queue
+
+                def done() -> None:
+                    admission.released(entry.record.key, future)
+                    self._release(entry)
+
+                future = entry.dispatcher.submit(prepare(entry), done)
         except BaseException:
             self._release(entry)
             raise

@@ -92,10 +92,12 @@ def test_past_max_queue_requests_get_503_with_retry_after_at_once(
     # One running and two waiting at most: the rest are refused at once.
     assert len(served) + len(shed) == 8
     assert 3 <= len(served) <= 4, [r.status_code for r, _ in answers]
-    for response, seconds in shed:
+    for response, _ in shed:
         assert response.headers["retry-after"] == "1"
         assert response.json()["error"]["code"] == "overloaded"
-        assert seconds < 0.35  # not after waiting for the model
+    # At once, not after waiting for the model (0.4 s a request); the median, as one answer
+    # may be late on a busy machine.
+    assert sorted(seconds for _, seconds in shed)[len(shed) // 2] < 0.25
     counted = metric(server, "multiserve_requests_shed_total", model="slow", reason="queue_full")
     assert counted == len(shed)
 
