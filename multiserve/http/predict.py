@@ -111,8 +111,9 @@ async def predict(
         try:
             decode, wants_npy, output, timeout = _request(scope, limit)
         except UnsupportedMediaType as refused:  # unless its model takes any payload
+            asked = next((v for k, v in scope["headers"] if k == b"x-request-timeout"), b"")
             return await _payload(
-                server, scope, receive, send, name, selector, refused, reservation, timeout
+                server, scope, receive, send, name, selector, refused, reservation, asked
             )
         deadline = None
         if timeout or admission.request_timeout_s:

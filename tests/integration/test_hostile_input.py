@@ -106,6 +106,9 @@ CASES: list[tuple[str, str, str, bytes, dict[str, bytes], int]] = [
     ("timeout superscript two", NATIVE, JSON, b"{}", {"x-request-timeout": b"\xb2"}, 400),
     ("timeout negative", NATIVE, JSON, b"{}", {"x-request-timeout": b"-1"}, 400),
     ("timeout nan", NATIVE, JSON, b"{}", {"x-request-timeout": b"nan"}, 400),
+    ("text/plain to a tensor model", NATIVE, "text/plain", b"hello", {}, 415),
+    ("text/plain with a timeout", NATIVE, "text/plain", b"hello", {"x-request-timeout": b"2"}, 415),
+    ("text/plain with a bad timeout", NATIVE, "text/plain", b"hello", {"x-request-timeout": b"\xb2"}, 415),
     # .npy
     ("npy (10**9, 16) over 64 bytes", NATIVE, NPY, npy_header(str({**HUGE, "shape": (10**9, 16)})), {}, 400),
     ("npy (2**63,)", NATIVE, NPY, npy_header(str({**HUGE, "shape": (2**63,)})), {}, 400),
