@@ -132,7 +132,7 @@ def test_clients_that_went_away_while_waiting_are_not_run(
 ) -> None:
     server = loaded(
         start_server(
-            slow_repo(tmp_path, 0.8, kind=kind),
+            slow_repo(tmp_path, 1.5, kind=kind),
             npz_registry,
             grpc_port=0,
             allow_python_predictors=True,
@@ -141,7 +141,7 @@ def test_clients_that_went_away_while_waiting_are_not_run(
     before = runs(server)
     host, port = server.url.removeprefix("http://").split(":")
     with ThreadPoolExecutor(1) as pool:
-        first = pool.submit(post, server)  # runs for 0.8 s
+        first = pool.submit(post, server)  # runs for 1.5 s
         time.sleep(0.1)
         body = b'{"inputs": [[1.0, 2.0]]}'
         request = (
@@ -149,10 +149,15 @@ def test_clients_that_went_away_while_waiting_are_not_run(
             + f"\r\ncontent-length: {len(body)}\r\n\r\n".encode()
             + body
         )
-        for _ in range(3):  # queued behind the first, then their clients give up
-            with socket.create_connection((host, int(port))) as sock:
-                sock.sendall(request)
-                time.sleep(0.05)
+        waiting = [socket.create_connection((host, int(port))) for _ in range(3)]
+        for sock in waiting:
+            sock.sendall(request)
+        # Queued behind the first (4 in flight), then their clients give up.
+        entry = server.model_server.lifecycle.cache.peek(("slow", 1))
+        assert entry is not None
+        wait_for(lambda: entry.in_flight == 4, 5, "three requests queued behind the first")
+        for sock in waiting:
+            sock.close()
         assert first.result().status_code == 200
     wait_for(
         lambda: (
