@@ -177,7 +177,7 @@ def test_a_quiet_model_is_served_while_a_hot_one_sheds(
 ) -> None:
     """The bound is each version's own: the hot model's overflow is refused while every
     request of the quiet one is served, promptly."""
-    slow_repo(tmp_path, 0.2, "hot")
+    slow_repo(tmp_path, 0.5, "hot")
     slow_repo(tmp_path, 0.0, "quiet")
     server = start_server(tmp_path, npz_registry, max_queue=2, grpc_port=0)
     stop = threading.Event()
@@ -206,7 +206,7 @@ def test_a_quiet_model_is_served_while_a_hot_one_sheds(
             for thread in threads:
                 thread.join()
     assert [status for status, _ in quiet] == [200] * 20
-    assert sorted(seconds for _, seconds in quiet)[len(quiet) // 2] < 0.2  # not the hot's 0.2 s
+    assert sorted(seconds for _, seconds in quiet)[len(quiet) // 2] < 0.4  # not the hot one's 0.5 s
     assert hot.count(503) > 0
     assert set(hot) <= {200, 503}
 
