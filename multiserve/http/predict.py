@@ -11,6 +11,7 @@ methods on these paths included, goes on to starlette.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -146,8 +147,10 @@ async def predict(
             )
     except asyncio.CancelledError:
         # Only a shutdown cancels a request (uvicorn, at shutdown_timeout_s): a JSON 503
-        # rather than uvicorn's plain-text 500. Nothing was sent yet on this path.
-        await shutting_down()(scope, receive, send)
+        # rather than uvicorn's plain-text 500. (A payload model's answer may have begun to
+        # be sent: then the server refuses a second start, and the connection just closes.)
+        with contextlib.suppress(RuntimeError):
+            await shutting_down()(scope, receive, send)
         raise
     except MultiserveError as exc:
         await from_error(exc)(scope, receive, send)
