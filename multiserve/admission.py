@@ -42,7 +42,7 @@ Receive = Callable[[], Any]  # an ASGI receive callable
 
 TIMEOUT_HEADER = "x-request-timeout"
 # The default bound on requests waiting per model version (beyond those running).
-DEFAULT_MAX_QUEUE = 32
+DEFAULT_MAX_QUEUE = 128
 # Admin and repository bodies are small JSON objects.
 ADMIN_BODY_BYTES = 64 * 1024
 # A deadline shorter than this is refused, longer than this is capped: no timer in the past,

@@ -297,7 +297,7 @@ class Settings:
     )
     # --- bounds under overload (multiserve.admission, multiserve.connections) ---
     max_queue: int = _setting(
-        32,
+        128,
         _int_in(0, 1_000_000),
         "Requests that may wait per model version beyond those it runs at once; past it a "
         "request gets 503 with Retry-After at once. 0: no bound.",
