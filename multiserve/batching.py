@@ -85,6 +85,7 @@ class Dispatcher:
             raise ValueError("threads must be at least 1")
         self.name = name
         self.max_batch_size = max_batch_size
+        self.threads = threads
         self._predict = predict
         self.observe = observe
         self._loop = loop if loop is not None else asyncio.get_running_loop()
@@ -148,7 +149,7 @@ class Dispatcher:
         results: list[_Result] = []
         prepared: list[tuple[_Job[Any], Inputs, Finish[Any]]] = []
         for job in batch:
-            if job.future.cancelled():  # its client went away before it started
+            if job.future.done():  # cancelled, expired, or its client went away: not run
                 results.append((job, None, None))
                 continue
             try:
@@ -198,7 +199,7 @@ class Dispatcher:
         flushed = time.perf_counter()
         last = len(batch) - 1
         for index, job in enumerate(batch):
-            if job.future.cancelled():  # its client went away before it started
+            if job.future.done():  # cancelled, expired, or its client went away: not run
                 results.append((job, None, None))
                 continue
             try:

@@ -8,6 +8,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -213,8 +214,9 @@ def bundle(args: argparse.Namespace) -> int:
 
 
 def serve(settings: Settings) -> int:
-    import uvicorn
-
+    """Serve until SIGTERM or SIGINT: 0 after the drain (`multiserve.connections`), 1 when a
+    second signal cut it short, 3 when start-up failed."""
+    from multiserve.connections import Server, raise_open_file_limit, uvicorn_config
     from multiserve.http import create_app
     from multiserve.server import ModelServer
 
@@ -225,15 +227,16 @@ def serve(settings: Settings) -> int:
     )
     # watchfiles logs every batch of events at INFO; the lifecycle logs what they changed.
     logging.getLogger("watchfiles").setLevel(max(logging.WARNING, logging.getLogger().level))
-    uvicorn.run(
-        create_app(server),
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        log_level=settings.log_level,
-        access_log=settings.access_log,
-        timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
-    )
+    server.store.load()  # a state file that cannot be read stops the start here (exit 2)
+    limit = raise_open_file_limit()
+    logging.getLogger("multiserve.server").info("open-file limit: %d", limit)
+    http = Server(uvicorn_config(create_app(server), settings))
+    http.run()
+    if http.force_exit:
+        logging.shutdown()
+        os._exit(1)  # at once: not even waiting for worker threads (a load, say) to finish
+    if not http.started:
+        return 3
     return 0
 
 

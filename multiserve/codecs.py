@@ -78,7 +78,7 @@ def decode_npy(body: bytes, metadata: ModelMetadata) -> dict[str, Array]:
         )
     try:
         array = npy.load(body)
-    except (ValueError, OSError, EOFError) as exc:
+    except (ValueError, OSError, EOFError, SyntaxError, MemoryError) as exc:
         raise MalformedRequest(f"request body is not a valid .npy file: {exc}") from None
     return check_inputs({metadata.inputs[0].name: array}, metadata)
 

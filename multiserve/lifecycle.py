@@ -14,7 +14,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +22,7 @@ from types import MappingProxyType
 from typing import Any, Protocol, TypeVar
 
 from multiserve import payloads, policy
+from multiserve.admission import Admission
 from multiserve.backends import BackendRegistry
 from multiserve.batching import Dispatcher, Prepare
 from multiserve.cache import CacheBusy, CacheFull, ModelCache
@@ -201,6 +202,8 @@ class Lifecycle:
         self.swaps = 0
         # Drift monitoring and payload samples; the server sets it from its settings.
         self.monitoring: Monitoring | None = None
+        # Bounds each version's queue (`multiserve.admission`); the server sets it.
+        self.admission: Admission | None = None
 
     # --- discovery ------------------------------------------------------------------------
 
@@ -292,16 +295,24 @@ class Lifecycle:
             self._release(entry)
 
     async def infer(
-        self, name: str, selector: str, prepare: Callable[[LoadedEntry], Prepare[T]]
+        self,
+        name: str,
+        selector: str,
+        prepare: Callable[[LoadedEntry], Prepare[T]],
+        wait: Callable[[VersionRecord, asyncio.Future[T]], Awaitable[T]] | None = None,
     ) -> tuple[VersionRecord, T]:
         """Run one request on the model that ``name``/``selector`` resolves to, loading it if
         needed: ``prepare(entry)`` is the job its dispatcher runs in a worker thread. The model
-        stays open until the job is finished with, even if this call is cancelled first."""
+        stays open until the job is finished with, even if this call is cancelled first.
+        ``wait``: how to await the job's future (`Admission.wait`: a deadline, a client that
+        leaves), else plainly."""
         submitted = self.submit(name, selector, prepare)
         if submitted is None:
             entry = await self._checkout(name, selector)
             submitted = self._submit(entry, prepare)
         record, future = submitted
+        if wait is not None:
+            return record, await wait(record, future)
         return record, await future
 
     def submit(
@@ -321,7 +332,17 @@ class Lifecycle:
     ) -> tuple[VersionRecord, asyncio.Future[T]]:
         """Queue a job on a checked-out entry; the entry is released once the job is done."""
         try:
-            future = entry.dispatcher.submit(prepare(entry), lambda: self._release(entry))
+            admission = self.admission
+            if admission is None:
+                future = entry.dispatcher.submit(prepare(entry), lambda: self._release(entry))
+            else:
+                admission.admit(entry)  # 503 past the version's max_queue
+
+                def done() -> None:
+                    admission.released(entry.record.key, future)
+                    self._release(entry)
+
+                future = entry.dispatcher.submit(prepare(entry), done)
         except BaseException:
             self._release(entry)
             raise

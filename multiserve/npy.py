@@ -4,9 +4,11 @@ Both parse or write the header with the `ast` module on every call (about 100 µ
 here), which dwarfs a small model's inference. Headers as numpy writes them (sorted keys,
 C order, a plain dtype) are read with a regular expression and remembered; the array is a
 view of the body, as `np.load` returns for an in-memory file. Anything else (Fortran order,
-structured or object dtypes, other writers' spellings, a length that does not add up) goes to
-`np.load`, so its answers and its errors are numpy's own. Writing remembers the header numpy
-writes for each dtype and shape, so the bytes are exactly `np.save`'s.
+structured or object dtypes, other writers' spellings) goes to `np.load`, once numpy's own
+header reader has said what the header declares and the body holds exactly that many bytes: a
+header declaring ``(10**9, 16)`` over a 64-byte body is refused, never allocated. Writing
+remembers the header numpy writes for each dtype and shape, so the bytes are exactly
+`np.save`'s.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ def load(body: bytes) -> Array:
         return _np_load(body)
     dtype, shape, count, offset = parsed
     if len(body) - offset != count * dtype.itemsize:
-        return _np_load(body)  # truncated or trailing bytes: numpy's own answer and error
+        return _np_load(body)  # truncated or trailing bytes: refused there
     return np.frombuffer(body, dtype, count, offset).reshape(shape)
 
 
@@ -53,11 +55,36 @@ def save(array: Array) -> bytes:
 
 
 def _np_load(body: bytes) -> Array:
+    if body[:6] == _MAGIC:
+        _check_declared(body)
     array = np.load(io.BytesIO(body), allow_pickle=False)
     if not isinstance(array, np.ndarray):  # an .npz archive
         array.close()
         raise ValueError("an .npz archive, not a single array")
     return array
+
+
+def _check_declared(body: bytes) -> None:
+    """ValueError unless the body holds the bytes its header declares (numpy would allocate the
+    declared array before finding out; trailing bytes it ignores, and so does this)."""
+    stream = io.BytesIO(body)
+    version = np.lib.format.read_magic(stream)
+    if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(stream)
+    elif version == (2, 0):
+        shape, _, dtype = np.lib.format.read_array_header_2_0(stream)
+    else:
+        raise ValueError(f".npy format {version[0]}.{version[1]} is not supported (1.0 or 2.0)")
+    if dtype.hasobject:
+        raise ValueError("object arrays are not accepted")
+    count = 1
+    for dim in shape:
+        count *= dim
+    need, have = count * dtype.itemsize, len(body) - stream.tell()
+    if need > have:
+        raise ValueError(
+            f"the header declares shape {shape} of {dtype} ({need} bytes) but {have} bytes follow"
+        )
 
 
 def _parse(body: bytes) -> tuple[np.dtype, tuple[int, ...], int, int] | None:

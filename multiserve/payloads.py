@@ -120,7 +120,7 @@ class PayloadDispatcher(Dispatcher):
         results: list[_Result] = []
         jobs: list[tuple[_Job[Any], PayloadJob[Any]]] = []
         for job in batch:
-            if job.future.cancelled():  # its client went away before it started
+            if job.future.done():  # cancelled, expired, or its client went away: not run
                 results.append((job, None, None))
             else:
                 assert isinstance(job.prepare, PayloadJob)  # submit refuses anything else

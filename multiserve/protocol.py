@@ -59,9 +59,20 @@ _REPOSITORY_STATES = {
 # --- tensors --------------------------------------------------------------------------------
 
 
+# Largest element count a shape may declare: a request's body holds at most max_request_bytes,
+# and a count past int64 cannot even be indexed (numpy refuses such a shape with ValueError).
+MAX_ELEMENTS = 2**62
+MAX_RANK = 32  # numpy's limit is 64; no model takes tensors of more dimensions than this
+
+
 def check_shape(name: str, shape: Sequence[Any]) -> list[int]:
     if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise InvalidInput(f"input {name!r}: 'shape' must be a list of integers >= 0")
+    if len(shape) > MAX_RANK:
+        raise InvalidInput(f"input {name!r}: 'shape' has {len(shape)} dimensions (most {MAX_RANK})")
+    # Each dimension, not only the product: [0, 2**63] holds no elements, but no array has it.
+    if any(d > MAX_ELEMENTS for d in shape) or math.prod(shape) > MAX_ELEMENTS:
+        raise InvalidInput(f"input {name!r}: 'shape' {list(shape)} is too large (over 2**62)")
     return list(shape)
 
 
@@ -146,7 +157,12 @@ class InputSet:
     def add(self, name: str, flat: Array, shape: Sequence[int]) -> None:
         if name in self.named:
             raise InvalidInput(f"input {name!r} is given twice")
-        self.named[name] = flat.reshape(shape)
+        try:
+            self.named[name] = flat.reshape(shape)
+        except ValueError:
+            raise InvalidInput(
+                f"input {name!r}: {flat.size} values do not fit shape {list(shape)}"
+            ) from None
 
     def checked(self) -> dict[str, Array]:
         return codecs.check_inputs(self.named, self.metadata)

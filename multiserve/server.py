@@ -12,8 +12,9 @@ import time
 from pathlib import Path
 
 from multiserve import policy
+from multiserve.admission import Admission
 from multiserve.backends import BackendRegistry
-from multiserve.catalog import LATEST, VersionRecord
+from multiserve.catalog import VersionRecord
 from multiserve.concurrency import run_sync, set_worker_threads
 from multiserve.derived import DEFAULT_ROOT, DerivedStore
 from multiserve.discovery import Discovery
@@ -33,18 +34,15 @@ from multiserve.optimize import Optimizer
 from multiserve.pipelines import load_context
 from multiserve.repository.bucket import BucketOptions, BucketRepository, is_bucket_url
 from multiserve.repository.disk_cache import DiskCache
-from multiserve.repository.layout import is_valid_name, parse_version
+from multiserve.repository.layout import parse_version
 from multiserve.repository.local import LocalRepository
 from multiserve.samples import PayloadLog, SampleSettings
 from multiserve.settings import Settings
-from multiserve.state import OperatorState, StateStore
+from multiserve.state import OperatorState, StateStore, is_valid_label
 from multiserve.status import History, Observers
 from multiserve.watch import Monitoring
 
 logger = logging.getLogger("multiserve.server")
-
-_RESERVED_LABELS = {LATEST, "predict", "labels"}
-_DIGITS = re.compile(r"[0-9]+")
 
 
 class ModelServer:
@@ -111,6 +109,14 @@ class ModelServer:
         self.monitoring = _monitoring(settings)
         self.lifecycle.monitoring = self.monitoring
         self.metrics.watch(self)
+        self.admission = Admission(
+            max_queue=settings.max_queue,
+            request_timeout_s=settings.request_timeout_s,
+            max_receive_bytes=settings.max_receive_bytes,
+            registry=self.metrics.registry,
+            known=lambda model: model in self.lifecycle.catalog.models,
+        )
+        self.lifecycle.admission = self.admission
         state_dir = Path(settings.state_dir).expanduser() if settings.state_dir else default_state
         self.store = StateStore(state_dir)
         self.operator_state = OperatorState()
@@ -383,7 +389,7 @@ def _slug(url: str) -> str:
 
 
 def _check_label(label: str) -> None:
-    if not is_valid_name(label) or label in _RESERVED_LABELS or _DIGITS.fullmatch(label):
+    if not is_valid_label(label):
         raise InvalidInput(
             f"invalid label {label!r}: labels match [A-Za-z0-9][A-Za-z0-9_.-]{{0,127}}, are "
             "not all digits, and are not 'latest' or 'predict'"

@@ -308,7 +308,38 @@ class Settings:
         "model's requests in flight).",
     )
     shutdown_timeout_s: float = _setting(
-        30.0, _positive_float, "Seconds to let running requests finish on SIGTERM."
+        30.0,
+        _positive_float,
+        "Seconds to let running requests finish on SIGTERM or SIGINT (fractions honoured); "
+        "those still running then get 503. A second signal exits at once.",
+    )
+    # --- bounds under overload (multiserve.admission, multiserve.connections) ---
+    max_queue: int = _setting(
+        128,
+        _int_in(0, 1_000_000),
+        "Requests that may wait per model version beyond those it runs at once; past it a "
+        "request gets 503 with Retry-After at once. 0: no bound.",
+    )
+    request_timeout_s: float = _setting(
+        0.0,
+        _positive_float,
+        "Longest a request may take from arrival to answer; a request still queued then is "
+        "dropped unrun (504). A client's X-Request-Timeout header may ask for less. 0: none.",
+    )
+    max_receive_bytes: int = _setting(
+        256 * 1024**2,
+        parse_size,
+        "Bytes of request bodies the whole process may hold while receiving and serving them; "
+        "past it a request gets 503 with Retry-After. 0: no bound.",
+    )
+    max_connections: int = _setting(
+        1000,
+        _int_in(0, 10_000_000),
+        "Open HTTP connections (and requests in progress) beyond which a new one gets 503 "
+        "(uvicorn's limit_concurrency). 0: no bound.",
+    )
+    keepalive_timeout_s: float = _setting(
+        5.0, _positive_float, "Seconds an idle keep-alive connection stays open."
     )
     drift_window: int = _setting(
         1000,

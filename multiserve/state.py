@@ -3,6 +3,12 @@
 The file is replaced atomically: written to a temporary file in the same directory, flushed
 and fsynced, renamed over the old one, and the directory fsynced, so a crash leaves either
 the old state or the new one, never half of either.
+
+Reading it trusts nothing: whatever the file holds either loads or is moved aside with a log
+line saying why (`StateStore.load`), and each pin and label is checked as the admin API checks
+it (a label named ``latest`` or ``7`` is dropped, with a warning). A file that exists but
+cannot be read (permissions, I/O) stops the start instead (`StateUnreadable`): moving it aside
+would lose the operator's decisions at the next write.
 """
 
 from __future__ import annotations
@@ -18,12 +24,35 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from multiserve.catalog import Key
+from multiserve.catalog import LATEST, Key
+from multiserve.errors import SettingsError
+from multiserve.repository.layout import is_valid_name, parse_version
 
 logger = logging.getLogger("multiserve.state")
 
 STATE_FILE = "state.json"
 _FORMAT = 1
+# Names a label cannot have: what the URL's version part means otherwise.
+RESERVED_LABELS = frozenset({LATEST, "predict", "labels"})
+_LARGEST_STATE = 16 * 1024**2  # bytes; pins and labels of many thousands of models fit
+
+
+class StateUnreadable(SettingsError):
+    """The state file exists but cannot be read: the server does not start without it."""
+
+
+def is_valid_label(label: str) -> bool:
+    """As the admin API allows: a valid name, not all digits, not a reserved word."""
+    return is_valid_name(label) and label not in RESERVED_LABELS and not label.isdigit()
+
+
+def _version(value: object) -> int | None:
+    """A version number as the admin API takes one (an int, or its decimal string)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if 1 <= value < 10**18 else None
+    return parse_version(value) if isinstance(value, str) else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,15 +85,40 @@ class OperatorState:
         }
 
     @classmethod
-    def from_json(cls, data: Any) -> OperatorState:
+    def from_json(cls, data: Any, dropped: list[str] | None = None) -> OperatorState:
+        """The state in a parsed file; ValueError if it is not a state file (its structure is
+        not a state's). Entries whose values the admin API would refuse are left out, each
+        told in ``dropped``."""
+        dropped = [] if dropped is None else dropped
         if not isinstance(data, dict) or data.get("format") != _FORMAT:
             raise ValueError(f"not a multiserve state file of format {_FORMAT}")
-        pins = frozenset((str(pin["name"]), int(pin["version"])) for pin in data.get("pins", []))
-        labels = {
-            str(name): {str(label): int(version) for label, version in table.items()}
-            for name, table in data.get("labels", {}).items()
-        }
-        return cls(pins, MappingProxyType(labels))
+        raw_pins, raw_labels = data.get("pins", []), data.get("labels", {})
+        if not isinstance(raw_pins, list) or not isinstance(raw_labels, dict):
+            raise ValueError("'pins' must be a list and 'labels' an object")
+        pins = set()
+        for pin in raw_pins:
+            if not isinstance(pin, dict) or "name" not in pin or "version" not in pin:
+                raise ValueError(f"a pin is not an object with a name and a version: {pin!r:.80}")
+            name, version = pin["name"], _version(pin["version"])
+            if not isinstance(name, str) or not is_valid_name(name) or version is None:
+                dropped.append(f"pin {_shown(pin)} (not a model name and version number)")
+                continue
+            pins.add((name, version))
+        labels: dict[str, dict[str, int]] = {}
+        for name, table in raw_labels.items():
+            if not is_valid_name(name) or not isinstance(table, dict):
+                dropped.append(f"labels of {_shown(name)} (not a model name and its labels)")
+                continue
+            for label, value in table.items():
+                version = _version(value)
+                if not is_valid_label(label) or version is None:
+                    dropped.append(
+                        f"label {_shown(label)} of {name} -> {_shown(value)} (labels are names, "
+                        "not all digits nor 'latest', for a version number)"
+                    )
+                    continue
+                labels.setdefault(name, {})[label] = version
+        return cls(frozenset(pins), MappingProxyType(labels))
 
 
 class StateStore:
@@ -72,18 +126,42 @@ class StateStore:
         self.path = directory / STATE_FILE
 
     def load(self) -> OperatorState:
-        """The saved state; an empty one if there is none. A corrupt file is moved aside (and
-        logged), never silently overwritten."""
+        """The saved state; an empty one if there is none. A file that is not a state file
+        (whatever it holds) is moved aside and logged, never silently overwritten; one that
+        cannot be read raises `StateUnreadable`."""
         try:
-            return OperatorState.from_json(json.loads(self.path.read_text()))
+            with self.path.open("rb") as stream:
+                text = stream.read(_LARGEST_STATE + 1)
         except FileNotFoundError:
             return OperatorState()
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        except OSError as exc:
+            raise StateUnreadable(
+                f"cannot read the state file {self.path} ({exc.strerror or exc}); it holds "
+                "the operator's pins and labels: fix it (permissions, disk) and start again, "
+                "or move it away to start without them"
+            ) from None
+        dropped: list[str] = []
+        try:
+            if len(text) > _LARGEST_STATE:
+                raise ValueError(f"larger than {_LARGEST_STATE} bytes")
+            state = OperatorState.from_json(json.loads(text), dropped)
+        except (ValueError, RecursionError, TypeError, OverflowError) as exc:
+            # ValueError includes bad UTF-8 and bad JSON; RecursionError, deeply nested JSON.
             aside = self.path.with_name(self.path.name + ".corrupt")
-            logger.error("state file %s is unreadable (%s); moved to %s", self.path, exc, aside)
+            reason = f"{type(exc).__name__}: {str(exc)[:200]}"
+            logger.error(
+                "state file %s is not a valid state file (%s): moved to %s; starting without "
+                "pins and labels",
+                self.path,
+                reason,
+                aside,
+            )
             with contextlib.suppress(OSError):
                 os.replace(self.path, aside)
             return OperatorState()
+        for what in dropped:
+            logger.warning("state file %s: ignoring %s", self.path, what)
+        return state
 
     def save(self, state: OperatorState) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -102,3 +180,9 @@ class StateStore:
             os.fsync(directory)
         finally:
             os.close(directory)
+
+
+def _shown(value: object) -> str:
+    """A value from the file, short enough for a log line."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

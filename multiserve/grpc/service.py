@@ -186,7 +186,9 @@ class InferenceService:
 
     async def model_infer(self, data: bytes, context: Context) -> bytes:
         try:
-            return await self._infer(data, "ModelInfer", stream=False)
+            # The client's deadline (grpc-timeout) bounds its wait in the model's queue too.
+            deadline = self.server.admission.deadline_after(context.time_remaining())
+            return await self._infer(data, "ModelInfer", stream=False, deadline=deadline)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -227,8 +229,12 @@ class InferenceService:
             for task in running:
                 task.cancel()
 
-    async def _infer(self, data: bytes, method: str, *, stream: bool) -> bytes:
-        """One inference request, counted and timed; its serialized answer."""
+    async def _infer(
+        self, data: bytes, method: str, *, stream: bool, deadline: float | None = None
+    ) -> bytes:
+        """One inference request, counted and timed; its serialized answer. A cancelled call
+        cancels its job's future, so a job not started yet is never run; past ``deadline`` a
+        queued job is dropped (`multiserve.admission`)."""
         server = self.server
         metrics = server.metrics
         metrics.rpcs_in_flight += 1
@@ -248,11 +254,18 @@ class InferenceService:
                 await server.wait_scanned()
             job = infer.prepare(request, on_resolved, stream=stream)
             lifecycle = server.lifecycle
+            admission = server.admission
+
+            def wait(record: VersionRecord, future: asyncio.Future[bytes]) -> Awaitable[bytes]:
+                return admission.wait(record, future, deadline, None)
+
             submitted = lifecycle.submit(name, selector, job)
             if submitted is None:
-                _, answer = await lifecycle.infer(name, selector, job)
-            else:
+                _, answer = await lifecycle.infer(name, selector, job, wait)
+            elif deadline is None:
                 answer = await submitted[1]
+            else:
+                answer = await wait(*submitted)
             return answer
         except asyncio.CancelledError:
             code, status = "CANCELLED", 499

@@ -10,8 +10,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from multiserve.admission import ADMIN_BODY_BYTES
 from multiserve.auth import require_admin
 from multiserve.errors import MalformedRequest
+from multiserve.http.body import check_length, read_body
 from multiserve.http.responses import ORJSONResponse
 from multiserve.server import ModelServer
 
@@ -97,7 +99,9 @@ async def label(request: Request) -> Response:
     if request.method == "DELETE":
         await server.delete_label(name, label)
     else:
-        await server.set_label(name, label, _requested_version(await request.body()))
+        check_length(request, ADMIN_BODY_BYTES)
+        body = await read_body(request, ADMIN_BODY_BYTES)
+        await server.set_label(name, label, _requested_version(body))
     labels = server.lifecycle.labels.get(name, {})
     return ORJSONResponse({"name": name, "labels": {k: str(v) for k, v in sorted(labels.items())}})
 

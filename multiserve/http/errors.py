@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from multiserve.errors import MultiserveError
-from multiserve.http.responses import ORJSONResponse, error_response, from_error
+from multiserve.http.responses import ORJSONResponse, error_response, from_error, shutting_down
 
 logger = logging.getLogger("multiserve.http")
 
@@ -47,3 +49,28 @@ HANDLERS = {
     HTTPException: on_http_exception,
     Exception: on_unexpected_error,
 }
+
+
+async def answer_cancelled(app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
+    """Run ``app``; if the request is cancelled before its response started (uvicorn does so
+    to requests still running at the end of a shutdown's drain), answer 503 in JSON (in the
+    protocol's shape on /v2) instead of uvicorn's plain-text 500."""
+    started = False
+
+    async def tracked(message: Message) -> None:
+        nonlocal started
+        if message["type"] == "http.response.start":
+            started = True
+        await send(message)
+
+    try:
+        await app(scope, receive, tracked)
+    except asyncio.CancelledError:
+        if not started:
+            response = shutting_down()
+            if scope["path"].startswith("/v2"):
+                response = ORJSONResponse(
+                    {"error": "the server is shutting down: retry"}, 503, {"Retry-After": "1"}
+                )
+            await response(scope, receive, send)
+        raise

@@ -9,14 +9,16 @@ tensor model's requests pay nothing for this route existing.
 
 from __future__ import annotations
 
+import asyncio
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from types import MappingProxyType
 from urllib.parse import parse_qsl
 
-from starlette.types import Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from multiserve.batching import Prepare
+from multiserve.catalog import VersionRecord
 from multiserve.errors import (
     ModelUnavailable,
     MultiserveError,
@@ -72,23 +74,34 @@ def refuse_early(server: ModelServer, name: str, selector: str, refused: Excepti
 async def respond(
     server: ModelServer,
     scope: Scope,
+    receive: Receive,
     send: Send,
     name: str,
     selector: str,
     body: bytes,
     refused: UnsupportedMediaType | None,
+    deadline: float | None,
 ) -> tuple[int, str]:
     """Answer a predict request with a payload model. ``refused`` is the 415 a tensor model
-    gives this request, raised if the model turns out to be one. Returns the status and the
-    version that answered."""
+    gives this request, raised if the model turns out to be one; ``deadline``, when it is
+    dropped (`multiserve.admission`). Returns the status and the version that answered."""
     prepare = _prepare(_request(scope, body), refused)
     lifecycle = server.lifecycle
+    admission = server.admission
+
+    def wait(record: VersionRecord, future: asyncio.Future[Answer]) -> Awaitable[Answer]:
+        # Waiting behind others: watch for the client leaving meanwhile.
+        return admission.wait(record, future, deadline, receive if admission.queued else None)
+
     submitted = lifecycle.submit(name, selector, prepare)
     if submitted is None:
-        record, (status, headers, content) = await lifecycle.infer(name, selector, prepare)
+        record, (status, headers, content) = await lifecycle.infer(name, selector, prepare, wait)
     else:
         record, future = submitted
-        status, headers, content = await future
+        if deadline is None and not admission.queued:
+            status, headers, content = await future
+        else:
+            status, headers, content = await wait(record, future)
     version = str(record.version)
     headers += [
         (b"content-length", str(len(content)).encode()),

@@ -10,16 +10,19 @@ methods on these paths included, goes on to starlette.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from urllib.parse import parse_qsl
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from multiserve import codecs
+from multiserve.admission import Reservation
 from multiserve.batching import Finish, Inputs, Prepare
-from multiserve.catalog import LATEST
+from multiserve.catalog import LATEST, VersionRecord
 from multiserve.errors import (
     MalformedRequest,
     MultiserveError,
@@ -28,7 +31,9 @@ from multiserve.errors import (
     UnsupportedMediaType,
 )
 from multiserve.http import payload
-from multiserve.http.responses import error_response, from_error
+from multiserve.http.body import declared_length
+from multiserve.http.errors import answer_cancelled
+from multiserve.http.responses import error_response, from_error, shutting_down
 from multiserve.lifecycle import LoadedEntry
 from multiserve.server import ModelServer
 from multiserve.types import Array, ModelMetadata
@@ -67,7 +72,10 @@ class PredictRoutes:
         if scope["type"] == "http" and scope["method"] == "POST":
             found = match(scope["path"])
         if found is None:
-            await self.app(scope, receive, send)
+            if scope["type"] == "http":
+                await answer_cancelled(self.app, scope, receive, send)
+            else:
+                await self.app(scope, receive, send)
             return
         route, name, selector = found
         metrics = self.server.metrics
@@ -97,13 +105,21 @@ async def predict(
     none did). One coroutine from the server to the model's future on the hot path (the
     model loaded, the body in one message): each coroutine between them costs on every
     resume."""
+    admission = server.admission
+    reservation = admission.bodies.reserve()
     try:
         limit = server.settings.max_request_bytes
         try:
-            decode, wants_npy, output = _request(scope, limit)
+            decode, wants_npy, output, timeout = _request(scope, limit)
         except UnsupportedMediaType as refused:  # unless its model takes any payload
-            return await _payload(server, scope, receive, send, name, selector, refused)
-        body = await _read_body(receive, limit)
+            asked = next((v for k, v in scope["headers"] if k == b"x-request-timeout"), b"")
+            return await _payload(
+                server, scope, receive, send, name, selector, refused, reservation, asked
+            )
+        deadline = None
+        if timeout or admission.request_timeout_s:
+            deadline = admission.deadline(timeout)
+        body = await _read_body(receive, limit, reservation)
         if not server.scanned:
             await server.wait_scanned()
         prepare = _prepare(body, decode, wants_npy, output)
@@ -111,12 +127,31 @@ async def predict(
         try:
             submitted = lifecycle.submit(name, selector, prepare)
             if submitted is None:
-                record, content = await lifecycle.infer(name, selector, prepare)
+
+                def wait(record: VersionRecord, future: asyncio.Future[bytes]) -> Awaitable[bytes]:
+                    watch = receive if admission.queued else None
+                    return admission.wait(record, future, deadline, watch)
+
+                record, content = await lifecycle.infer(name, selector, prepare, wait)
             else:
                 record, future = submitted
-                content = await future
+                if deadline is None and not admission.queued:
+                    content = await future  # the common case: no timer, no watcher
+                else:
+                    # Waiting behind others: watch for the client leaving meanwhile.
+                    watch = receive if admission.queued else None
+                    content = await admission.wait(record, future, deadline, watch)
         except TensorsNotServed:  # its model answers payloads (a Python predictor)
-            return await payload.respond(server, scope, send, name, selector, body, None)
+            return await payload.respond(
+                server, scope, receive, send, name, selector, body, None, deadline
+            )
+    except asyncio.CancelledError:
+        # Only a shutdown cancels a request (uvicorn, at shutdown_timeout_s): a JSON 503
+        # rather than uvicorn's plain-text 500. (A payload model's answer may have begun to
+        # be sent: then the server refuses a second start, and the connection just closes.)
+        with contextlib.suppress(RuntimeError):
+            await shutting_down()(scope, receive, send)
+        raise
     except MultiserveError as exc:
         await from_error(exc)(scope, receive, send)
         return exc.status_code, ""
@@ -127,6 +162,8 @@ async def predict(
         )
         await response(scope, receive, send)
         return 500, ""
+    finally:
+        reservation.release()
     version = str(record.version)
     headers = [
         (b"content-type", _NPY_TYPE if wants_npy else _JSON_TYPE),
@@ -147,19 +184,27 @@ async def _payload(
     name: str,
     selector: str,
     refused: UnsupportedMediaType,
+    reservation: Reservation,
+    asked: bytes,
 ) -> tuple[int, str]:
     """A request whose content type tensors do not come in: a payload model's, else 415."""
     if not server.scanned:
         await server.wait_scanned()
     payload.refuse_early(server, name, selector, refused)
-    body = await _read_body(receive, server.settings.max_request_bytes)
-    return await payload.respond(server, scope, send, name, selector, body, refused)
+    deadline = None
+    if asked or server.admission.request_timeout_s:
+        deadline = server.admission.deadline(asked)
+    body = await _read_body(receive, server.settings.max_request_bytes, reservation)
+    return await payload.respond(
+        server, scope, receive, send, name, selector, body, refused, deadline
+    )
 
 
-def _request(scope: Scope, limit: int) -> tuple[Decode, bool, str | None]:
+def _request(scope: Scope, limit: int) -> tuple[Decode, bool, str | None, bytes]:
     """From the request's headers: how to decode its body, whether it wants an .npy answer,
-    and the output that answer holds. 413 and 415 are told here, before the body is read."""
-    content_type = accept = length = b""
+    the output that answer holds, and the timeout the client asks for (X-Request-Timeout,
+    b"" if none). 400, 413 and 415 are told here, before the body is read."""
+    content_type = accept = length = timeout = b""
     for key, value in scope["headers"]:
         if key == b"content-type":
             content_type = value
@@ -167,19 +212,22 @@ def _request(scope: Scope, limit: int) -> tuple[Decode, bool, str | None]:
             accept = value
         elif key == b"content-length":
             length = value
+        elif key == b"x-request-timeout":
+            timeout = value
     # The common case, plain JSON, needs no parsing.
     kind = codecs.JSON
     if content_type != _JSON_TYPE:
         kind = codecs.body_kind(content_type.decode("latin-1"))
     decode: Decode = codecs.decode_npy if kind == codecs.NPY else codecs.decode_json
-    if length.isdigit() and int(length) > limit:
+    declared = declared_length(length) if length else None
+    if declared is not None and declared > limit:
         raise PayloadTooLarge(
-            f"request body of {length.decode()} bytes is over the limit of {limit} bytes"
+            f"request body of {declared} bytes is over the limit of {limit} bytes"
         )
     wants_npy = _NPY_TYPE in accept
     # Only an .npy answer picks an output; parsing the query string costs on every request.
     output = _query_output(scope["query_string"]) if wants_npy else None
-    return decode, wants_npy, output
+    return decode, wants_npy, output, timeout
 
 
 def _prepare(
@@ -212,7 +260,7 @@ def _query_output(query_string: bytes) -> str | None:
     return found
 
 
-async def _read_body(receive: Receive, limit: int) -> bytes:
+async def _read_body(receive: Receive, limit: int, reservation: Reservation) -> bytes:
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -224,6 +272,7 @@ async def _read_body(receive: Receive, limit: int) -> bytes:
             size += len(chunk)
             if size > limit:
                 raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
+            reservation.add(len(chunk))
             chunks.append(chunk)
         if not message.get("more_body", False):
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)

@@ -23,3 +23,13 @@ def error_response(
 
 def from_error(exc: MultiserveError) -> ORJSONResponse:
     return error_response(exc.code, exc.message, exc.status_code, exc.headers)
+
+
+def shutting_down() -> ORJSONResponse:
+    """The answer to a request still running when the shutdown's drain time is up."""
+    return error_response(
+        "shutting_down",
+        "the server is shutting down and this request did not finish in time: retry",
+        503,
+        {"Retry-After": "1", "Connection": "close"},
+    )

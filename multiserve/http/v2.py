@@ -6,6 +6,8 @@ Errors on these routes are ``{"error": "<message>"}``, as the protocol defines t
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -16,6 +18,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from multiserve import __version__, codecs, extensions, protocol
+from multiserve.admission import ADMIN_BODY_BYTES, TIMEOUT_HEADER
 from multiserve.batching import Finish, Inputs, Prepare
 from multiserve.catalog import LATEST, VersionRecord
 from multiserve.errors import (
@@ -24,11 +27,13 @@ from multiserve.errors import (
     MultiserveError,
 )
 from multiserve.http.admin import authorized
-from multiserve.http.body import check_length, read_body
+from multiserve.http.body import check_length, declared_length, read_body
 from multiserve.http.responses import ORJSONResponse
 from multiserve.lifecycle import LoadedEntry
 from multiserve.server import ModelServer
 from multiserve.types import Array, ModelMetadata
+
+logger = logging.getLogger("multiserve.http")
 
 HEADER_LENGTH = "inference-header-content-length"
 BINARY = "application/octet-stream"
@@ -44,6 +49,9 @@ def v2_errors(handler: Handler) -> Handler:
             return await handler(request)
         except MultiserveError as exc:
             return ORJSONResponse({"error": exc.message}, exc.status_code, exc.headers)
+        except Exception:
+            logger.exception("unhandled error on %s %s", request.method, request.url.path)
+            return ORJSONResponse({"error": "internal server error (see the server log)"}, 500)
 
     return wrapped
 
@@ -117,18 +125,30 @@ async def model_ready(request: Request) -> Response:
 @v2_errors
 async def infer(request: Request) -> Response:
     server = _server(request)
+    admission = server.admission
     limit = server.settings.max_request_bytes
     check_length(request, limit)
     header_length = _header_length(request)
-    body = await read_body(request, limit)
-    await server.wait_scanned()
+    deadline = admission.deadline(request.headers.get(TIMEOUT_HEADER))
+    reservation = admission.bodies.reserve()
+    try:
+        body = await read_body(request, limit, reservation)
+        await server.wait_scanned()
 
-    def prepare(entry: LoadedEntry) -> Prepare[tuple[bytes, int | None]]:
-        return lambda: _decode_request(entry, body, header_length)
+        def prepare(entry: LoadedEntry) -> Prepare[tuple[bytes, int | None]]:
+            return lambda: _decode_request(entry, body, header_length)
 
-    record, (content, json_length) = await server.lifecycle.infer(
-        request.path_params["name"], _selector(request), prepare
-    )
+        def wait(
+            record: VersionRecord, future: asyncio.Future[tuple[bytes, int | None]]
+        ) -> Awaitable[tuple[bytes, int | None]]:
+            watch = request.receive if admission.queued else None
+            return admission.wait(record, future, deadline, watch)
+
+        record, (content, json_length) = await server.lifecycle.infer(
+            request.path_params["name"], _selector(request), prepare, wait
+        )
+    finally:
+        reservation.release()
     headers = {"X-Model-Name": record.name, "X-Model-Version": str(record.version)}
     if json_length is None:
         return Response(content, media_type=codecs.JSON, headers=headers)
@@ -140,9 +160,9 @@ def _header_length(request: Request) -> int | None:
     value = request.headers.get(HEADER_LENGTH)
     if value is None:
         return None
-    if not value.isdigit():
-        raise MalformedRequest(f"{HEADER_LENGTH} must be a byte count, not {value!r}")
-    return int(value)
+    if not value:
+        raise MalformedRequest(f"{HEADER_LENGTH} must be a byte count, not ''")
+    return declared_length(value, HEADER_LENGTH)
 
 
 def _decode_request(
@@ -307,7 +327,8 @@ async def model_statistics(request: Request) -> Response:
 @v2_errors
 async def repository_index(request: Request) -> Response:
     server = authorized(request)
-    body = await request.body()
+    check_length(request, ADMIN_BODY_BYTES)
+    body = await read_body(request, ADMIN_BODY_BYTES)
     only_ready = False
     if body.strip():
         try:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -69,8 +68,8 @@ def test_serve_answers_and_stops_cleanly_on_sigterm(example_models: Path) -> Non
     finally:
         process.terminate()
         output = process.communicate(timeout=30)[0]
-    # uvicorn shuts down gracefully, then re-raises the signal so supervisors see it.
-    assert process.returncode in (0, -signal.SIGTERM), output
+    # A drained shutdown is a clean exit (multiserve.connections.Server).
+    assert process.returncode == 0, output
     assert "Application shutdown complete" in output
     assert "loaded mlp version 2" in output
 
