@@ -1,6 +1,6 @@
 """Many models, little memory: latency, throughput and hit rate when the cache must evict.
 
-    .venv/bin/python benchmarks/manymodels.py [--runs 3] [--seconds 10] [--baseline /work/main]
+    .venv/bin/python benchmarks/manymodels.py [--runs 3] [--seconds 10] [--baseline ../baseline]
 
 Sixty ONNX MLPs of ~300 KB (benchmarks/load_cache.py's ``write_mlp``), served with
 ``--max-models 10``, under wrk (16 connections, 2 threads) sending seeded sequences of model
