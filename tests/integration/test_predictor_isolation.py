@@ -100,6 +100,11 @@ def test_a_crashing_predictor_fails_only_its_requests_and_the_next_request_resta
         idle_pid = client.post("/models/crasher/predict", json={}).json()["pid"]
         os.kill(idle_pid, 9)
         wait_for(lambda: not pid_exists(idle_pid) or _zombie(idle_pid), 5, "the kill")
+        # The server sees the death as an operator would (the process's state in /models).
+        # Not only the zombie: here a killed child can show as a zombie a moment before its
+        # end of the socket is released, and a request sent in that moment reaches the dying
+        # process and is answered 503 "killed while answering", which is what it is.
+        wait_for(lambda: process_of(client, "crasher")["state"] == "crashed", 5, "crashed")
         replaced = client.post("/models/crasher/predict", json={})
         assert replaced.status_code == 200, replaced.text
         assert replaced.json()["pid"] != idle_pid
