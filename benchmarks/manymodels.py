@@ -22,7 +22,7 @@ largest latency (wrk's), failed requests, the hit rate over the measured runs (t
 own cache counters: requests that found their model loaded), and loads per run. Beside it, the
 hit rates that LRU, TinyLFU and Belady's optimum get on the same sequence (the wrk threads'
 walks interleaved in turn, as long as all the runs together) with the same cache of 10.
-Writes ``benchmarks/results/manymodels.json``.
+Writes ``benchmarks/results/manymodels.json`` (or ``--out NAME``).
 """
 
 from __future__ import annotations
@@ -238,6 +238,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--peers", default="", help="peers to measure beside multiserve: 'ray' (Ray Serve)"
     )
+    parser.add_argument(
+        "--out",
+        default="manymodels.json",
+        help="the results file's name, in benchmarks/results/",
+    )
     parser.add_argument("--max-seconds", type=float, default=1800.0)
     parser.add_argument(
         "--baseline",
@@ -263,7 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.baseline is not None:
         baseline = {"path": str(args.baseline), "revision": git_revision_of(args.baseline)}
     write_json(
-        RESULTS_DIR / "manymodels.json",
+        RESULTS_DIR / Path(args.out).name,
         {
             **result_header("manymodels"),
             "settings": {
