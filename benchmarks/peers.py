@@ -47,7 +47,7 @@ RAY_SETTINGS: dict[str, Any] = {
     "num_replicas": 1,
     "replica_num_cpus": 1,
     "include_dashboard": False,
-    "max_ongoing_requests": "Ray's default",
+    "max_ongoing_requests": 5,  # Ray's default, not set by the peer app
     # Ray's actors stay in the driver's process group, so that the harness pauses (SIGSTOP)
     # and stops every process of the local Ray by that group.
     "env": {"RAY_process_group_cleanup_enabled": "0"},
