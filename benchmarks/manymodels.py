@@ -13,13 +13,16 @@ paths, one JSON predict request each:
 Servers, each measured with the others paused (SIGSTOP), taking turns within each round:
 multiserve from this tree with ``cache_policy`` ``tinylfu`` and ``lru``, and with
 ``--baseline DIR`` the multiserve checked out in DIR (run from DIR's own .venv; e.g. the main
-branch before the fair gate, the load cache and tinylfu). Per workload and server: medians over
+branch before the fair gate, the load cache and tinylfu), and with ``--peers ray`` Ray Serve's
+model multiplexing (benchmarks/peer_apps/ray_serve_onnx.py: Ray installed by the benchmark into
+its own virtualenv, one replica, ``max_num_models_per_replica`` 10, the same model files, paths
+and JSON; its hit rate and loads are counted by the replica). Per workload and server: medians over
 ``--runs`` runs of ``--seconds`` each (after a warm-up run) of requests/s, p50, p99 and the
 largest latency (wrk's), failed requests, the hit rate over the measured runs (the server's
 own cache counters: requests that found their model loaded), and loads per run. Beside it, the
 hit rates that LRU, TinyLFU and Belady's optimum get on the same sequence (the wrk threads'
 walks interleaved in turn, as long as all the runs together) with the same cache of 10.
-Writes ``benchmarks/results/manymodels.json``.
+Writes ``benchmarks/results/manymodels.json`` (or ``--out NAME``).
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import cache_sim, wrk
+from benchmarks import cache_sim, peers, wrk
 from benchmarks.harness import (
     RESULTS_DIR,
     BenchmarkError,
@@ -101,7 +104,7 @@ def start(
     return start_server(name, argv, port, log_dir, "/readyz", deadline, cwd=tree)
 
 
-def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+def measure(args: argparse.Namespace, work: Path, info: dict[str, Any]) -> dict[str, Any]:
     deadline = Deadline(args.max_seconds)
     root = work / "models"
     for index in range(MODELS):
@@ -122,6 +125,14 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         servers = []
         for name, tree, extra in configs:
             server = start(name, root, log_dir, deadline, tree, *extra)
+            stack.callback(server.stop)
+            server.pause()
+            servers.append(server)
+        if "ray" in args.peers.split(","):
+            venv = peers.ensure_venv(peers.ray_spec(), deadline, log_dir)
+            info["ray"] = {"versions": venv.versions, "settings": peers.RAY_SETTINGS}
+            print(f"  starting Ray Serve {venv.versions.get('ray')} ...", file=sys.stderr)
+            server = peers.start_ray_serve(venv, root, CACHE, work, free_port(), deadline)
             stack.callback(server.stop)
             server.pause()
             servers.append(server)
@@ -224,6 +235,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--policies", default="tinylfu,lru", help="cache policies of this tree to measure"
     )
+    parser.add_argument(
+        "--peers", default="", help="peers to measure beside multiserve: 'ray' (Ray Serve)"
+    )
+    parser.add_argument(
+        "--out",
+        default="manymodels.json",
+        help="the results file's name, in benchmarks/results/",
+    )
     parser.add_argument("--max-seconds", type=float, default=1800.0)
     parser.add_argument(
         "--baseline",
@@ -237,14 +256,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="manymodels-") as scratch:
-        results = measure(args, Path(scratch))
+    unknown = set(filter(None, args.peers.split(","))) - {"ray"}
+    if unknown:
+        raise SystemExit(f"unknown peers: {', '.join(sorted(unknown))} (known: ray)")
+    info: dict[str, Any] = {}
+    # A short name: Ray's Unix sockets live under its temp dir (108 bytes at most).
+    with tempfile.TemporaryDirectory(prefix="mm-") as scratch:
+        results = measure(args, Path(scratch), info)
     print(table(results))
     baseline = None
     if args.baseline is not None:
         baseline = {"path": str(args.baseline), "revision": git_revision_of(args.baseline)}
     write_json(
-        RESULTS_DIR / "manymodels.json",
+        RESULTS_DIR / Path(args.out).name,
         {
             **result_header("manymodels"),
             "settings": {
@@ -258,6 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "seed": args.seed,
             },
             "baseline": baseline,
+            "peers": info,
             "wall_s": round(time.monotonic() - started, 1),
             "results": results,
         },

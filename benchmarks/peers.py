@@ -5,6 +5,8 @@ virtualenv under /tmp (kept between runs), and started as a server on a free loo
   answering the Open Inference Protocol (V2) at ``/v2/models/<name>/infer``.
 - Lightning LitServe with a minimal onnxruntime ``LitAPI`` (``peer_apps/litserve_onnx.py``),
   answering ``/predict``.
+- Ray Serve with model multiplexing over a directory of models (``peer_apps/ray_serve_onnx.py``,
+  ``benchmarks/manymodels.py``), answering ``/models/<name>/<version>/predict``.
 """
 
 from __future__ import annotations
@@ -39,6 +41,28 @@ LITSERVE_SETTINGS: dict[str, Any] = {
 }
 
 
+RAY_VERSION = "2.60.0"
+RAY_SETTINGS: dict[str, Any] = {
+    "num_cpus": 2,  # the local Ray's logical CPUs; this machine has 2 cores
+    "num_replicas": 1,
+    "replica_num_cpus": 1,
+    "include_dashboard": False,
+    "max_ongoing_requests": 5,  # Ray's default, not set by the peer app
+    # Ray's actors stay in the driver's process group, so that the harness pauses (SIGSTOP)
+    # and stops every process of the local Ray by that group.
+    "env": {"RAY_process_group_cleanup_enabled": "0"},
+}
+
+
+def constraint(name: str) -> str:
+    """``name==version`` as constraints.txt pins it, so that a peer runs the same
+    onnxruntime and numpy as multiserve."""
+    for line in (REPO_ROOT / "constraints.txt").read_text().splitlines():
+        if line.split("==")[0].strip().lower() == name:
+            return line.strip()
+    raise BenchmarkError(f"constraints.txt pins no {name}")
+
+
 @dataclass(frozen=True, slots=True)
 class PeerSpec:
     name: str
@@ -59,6 +83,15 @@ LITSERVE = PeerSpec(
     ("litserve", "onnxruntime", "numpy"),
     ("litserve", "onnxruntime", "numpy", "fastapi", "uvicorn", "uvloop"),
 )
+
+
+def ray_spec() -> PeerSpec:
+    return PeerSpec(
+        "ray",
+        (f"ray[serve]=={RAY_VERSION}", constraint("onnxruntime"), constraint("numpy")),
+        ("ray", "ray.serve", "onnxruntime", "numpy"),
+        ("ray", "onnxruntime", "numpy", "fastapi", "uvicorn", "starlette"),
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,4 +242,28 @@ def start_litserve(
     cwd.mkdir(parents=True, exist_ok=True)
     return start_server(
         "litserve", argv, port, workdir, "/health", deadline, ready_timeout_s=120.0, cwd=cwd
+    )
+
+
+def start_ray_serve(
+    venv: PeerVenv, models: Path, max_models: int, workdir: Path, port: int, deadline: Deadline
+) -> ServerProcess:
+    """A local Ray (its own temp dir, no dashboard) serving every model under ``models``
+    (``<name>/<version>/model.onnx``) through one multiplexed replica holding at most
+    ``max_models``. ServerProcess.stop ends the whole Ray: every process is in the group."""
+    argv = [str(venv.python), str(PEER_APPS / "ray_serve_onnx.py"), "--models", str(models)]
+    argv += ["--port", str(port), "--max-models", str(max_models)]
+    argv += ["--num-cpus", str(RAY_SETTINGS["num_cpus"]), "--temp-dir", str(workdir / "ray")]
+    cwd = workdir / "ray-serve"
+    cwd.mkdir(parents=True, exist_ok=True)
+    return start_server(
+        "ray serve",
+        argv,
+        port,
+        workdir,
+        "/readyz",
+        deadline,
+        ready_timeout_s=240.0,
+        cwd=cwd,
+        env=RAY_SETTINGS["env"],
     )
