@@ -97,3 +97,48 @@ def test_an_npz_archive_is_refused() -> None:
     np.savez(buffer, x=np.arange(3))
     with pytest.raises(ValueError, match="npz"):
         npy.load(buffer.getvalue())
+
+
+def _npy_with_header(header: str, body: bytes, version: tuple[int, int] = (1, 0)) -> bytes:
+    """An .npy file whose header says ``header`` (padded as numpy pads it) over ``body``."""
+    text = header.encode("latin1")
+    length_bytes = 2 if version == (1, 0) else 4
+    pad = -(6 + 2 + length_bytes + len(text) + 1) % 64
+    text += b" " * pad + b"\n"
+    size = len(text).to_bytes(length_bytes, "little")
+    return b"\x93NUMPY" + bytes(version) + size + text + body
+
+
+@pytest.mark.parametrize("version", [(1, 0), (2, 0)])
+def test_a_header_declaring_more_than_the_body_holds_is_refused_before_numpy_allocates(
+    version: tuple[int, int],
+) -> None:
+    # Fortran order sends it down numpy's path; (10**9, 16) float32 would be 60 GiB.
+    header = "{'descr': '<f4', 'fortran_order': True, 'shape': (1000000000, 16), }"
+    with pytest.raises(ValueError) as caught:
+        npy.load(_npy_with_header(header, b"\x00" * 64, version))
+    assert str(caught.value) == (
+        "the header declares shape (1000000000, 16) of float32 (64000000000 bytes) but 64 "
+        "bytes follow"
+    )
+    # Exactly enough bytes is accepted, with numpy's answer.
+    exact = "{'descr': '<f4', 'fortran_order': True, 'shape': (2, 2), }"
+    body = np.arange(4, dtype=np.float32).tobytes()
+    assert npy.load(_npy_with_header(exact, body, version)).tolist() == [[0.0, 2.0], [1.0, 3.0]]
+    assert npy.load(_npy_with_header(exact, body + b"\x00" * 4, version)).shape == (2, 2)
+    with pytest.raises(ValueError, match=r"\(2, 2\) of float32 \(16 bytes\) but 15 bytes"):
+        npy.load(_npy_with_header(exact, body[:-1], version))
+
+
+def test_other_formats_and_object_arrays_are_refused_by_the_declared_size_check() -> None:
+    header = "{'descr': '<f4', 'fortran_order': True, 'shape': (1,), }"
+    with pytest.raises(ValueError) as caught:
+        npy.load(_npy_with_header(header, b"\x00" * 4, (3, 0)))
+    assert str(caught.value) == ".npy format 3.0 is not supported (1.0 or 2.0)"
+    objects = "{'descr': '|O', 'fortran_order': False, 'shape': (1,), }"
+    with pytest.raises(ValueError) as caught:
+        npy.load(_npy_with_header(objects, b"\x00" * 8))
+    assert str(caught.value) == "object arrays are not accepted"
+    # A shape with a zero needs no bytes at all.
+    empty = "{'descr': '<f4', 'fortran_order': True, 'shape': (0, 5), }"
+    assert npy.load(_npy_with_header(empty, b"")).shape == (0, 5)
