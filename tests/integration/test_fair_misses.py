@@ -62,7 +62,10 @@ def test_an_admission_waits_for_protected_room_instead_of_failing(tmp_path: Path
         lifecycle.reconcile(repository.scan(), time.time() + 60)
         entries = await asyncio.gather(*(lifecycle.acquire(name, "latest") for name in "abc"))
         assert [entry.record.name for entry in entries] == ["a", "b", "c"]
-        assert list(lifecycle.cache) == [("c", 1)]
+        # One fits; which one is the last admitted depends on which worker thread reached the
+        # FIFO gate first, which the event loop does not order.
+        [held] = list(lifecycle.cache)
+        assert held in {("a", 1), ("b", 1), ("c", 1)}
         assert not lifecycle.cache.protected
         await lifecycle.close_all()
 
